@@ -60,6 +60,8 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "e1-lr4e-4": {"train": {"epochs": 1, "learning_rate": 4e-4}},
     "e1-lr1e-3": {"train": {"epochs": 1, "learning_rate": 1e-3}},
     "e1-lr1e-3-all": {"train": {"epochs": 1, "learning_rate": 1e-3}, "lora": {"target_modules": ALL_LINEAR}},
+    "e2-lr1e-3": {"train": {"learning_rate": 1e-3}},
+    "e1-lr1e-3-bs4": {"train": {"epochs": 1, "learning_rate": 1e-3, "batch_size": 4}},
     "e1-lr4e-4-bs4": {"train": {"epochs": 1, "learning_rate": 4e-4, "batch_size": 4}},
     "e2-lr4e-4-r8": {"train": {"learning_rate": 4e-4}, "lora": {"r": 8, "alpha": 16}},
     "e2-lr2e-4-all": {"lora": {"target_modules": ALL_LINEAR}},
