@@ -41,8 +41,8 @@ from tinysft.models.load import add_lora, load_tokenizer, resolve_dtype, resolve
 from tinysft.models.registry import DEFAULT_CAUSAL, DEFAULT_ENCODER, ModelError
 from tinysft.train import (
     TrainError,
+    TrainProgress,
     TrainResult,
-    _progress,
     atomic_save_dir,
     atomic_write_text,
     latest_checkpoint,
@@ -377,7 +377,7 @@ def train_classifier(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fals
     seen_tokens = seen_rows = 0
     window_loss, window_rows = 0.0, 0
     last_eval: float | None = None
-    progress = _progress(show_progress and is_main, total_steps, step)
+    progress = TrainProgress(show_progress and is_main, total_steps, step)
     try:
         while step < total_steps:
             epoch = step // steps_per_epoch

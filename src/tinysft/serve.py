@@ -32,7 +32,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tinysft.data.render import render_prompt
-from tinysft.evaluate.generate import _stop_ids, adapter_state
+from tinysft.evaluate.generate import adapter_state, stop_ids
 from tinysft.models.load import LoadedRun, load_run
 
 
@@ -159,7 +159,7 @@ class Generator:
     def __init__(self, loaded: LoadedRun, max_queue: int) -> None:
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.device = next(self.model.parameters()).device
-        self.stop_ids = set(_stop_ids(self.tokenizer))
+        self.stop_ids = set(stop_ids(self.tokenizer))
         self.max_queue = max_queue
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinysft-generate")
         self._pending = 0

@@ -499,7 +499,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
     eval_every = cfg.train.eval_every or steps_per_epoch
     start = time.time()
     last_eval: float | None = None
-    progress = _progress(show_progress and is_main, total_steps, step)
+    progress = TrainProgress(show_progress and is_main, total_steps, step)
     try:
         while step < total_steps:
             epoch = step // steps_per_epoch
@@ -626,7 +626,7 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-class _progress:
+class TrainProgress:
     """A rich progress bar with loss, tokens/s and ETA; a no-op (falsy) when disabled."""
 
     def __init__(self, enabled: bool, total: int, completed: int) -> None:

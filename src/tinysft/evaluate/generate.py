@@ -25,7 +25,8 @@ def adapter_state(model: Any, enabled: bool) -> Iterator[None]:
             yield
 
 
-def _stop_ids(tokenizer: Any) -> list[int]:
+def stop_ids(tokenizer: Any) -> list[int]:
+    """Token ids that end an answer: EOS and the end-of-turn tokens of common chat templates."""
     ids = {tokenizer.eos_token_id}
     for tok in ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>"):
         tid = tokenizer.convert_tokens_to_ids(tok) if tok in tokenizer.get_vocab() else None
@@ -44,7 +45,7 @@ def _generation_kwargs(tokenizer: Any, max_new_tokens: int, temperature: float, 
     The sampling fields are set to None for greedy decoding so a model's own generation_config
     (which may ask for sampling) cannot make greedy runs non-deterministic.
     """
-    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "eos_token_id": _stop_ids(tokenizer),
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "eos_token_id": stop_ids(tokenizer),
                               "pad_token_id": _pad_id(tokenizer)}
     if temperature > 0:
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=None)
