@@ -69,6 +69,14 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "e2-lr2e-4-noseed": {"data": {"train": ["train.jsonl"]}},
     "e2-lr2e-4-len384": {"data": {"max_length": 384}},
     "seed-only-e3": {"data": {"train": ["seed.jsonl"]}, "train": {"epochs": 3}},
+    # Re-mixed by category (data.category_weights): more refusals and look-alikes per epoch, fewer
+    # of what the base model already does, long answers kept so detailed answers stay long.
+    "mix-a": {"train": {"epochs": 1, "learning_rate": 1e-3}, "lora": {"target_modules": ALL_LINEAR},
+              "data": {"category_weights": {"refusal": 3, "lookalike": 2, "length_long": 2, "task": 0.5,
+                                            "multiturn": 0.5, "instruction": 0.5, "conversational": 0.5}}},
+    "mix-b": {"train": {"epochs": 1, "learning_rate": 2e-3}, "lora": {"target_modules": ALL_LINEAR},
+              "data": {"category_weights": {"refusal": 2, "lookalike": 1.5, "length_long": 1, "task": 0.5,
+                                            "multiturn": 0.5, "instruction": 0.5, "conversational": 0.5}}},
 }
 
 

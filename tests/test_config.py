@@ -37,6 +37,9 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
     (["trian.epochs=1"], "Did you mean 'train'"),
     (["train.schedule=wavy"], "is not one of"),
     (["nodot=1"], "SECTION.KEY=VALUE"),
+    (["data.category_weights=refusal"], "NAME:VALUE pairs"),
+    (["data.category_weights=refusal:lots"], "data.category_weights.refusal: expected a number"),
+    (["data.category_weights=refusal:-1"], "must be >= 0"),
 ])
 def test_bad_values_are_named(override: list[str], fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
@@ -48,3 +51,13 @@ def test_unknown_yaml_key(tmp_path: Path) -> None:
     f.write_text("lora:\n  rank: 8\n")
     with pytest.raises(ConfigError, match=r"unknown key 'lora.rank'"):
         load_config(f)
+
+
+def test_category_weights_from_yaml_and_from_set(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("data:\n  category_weights: {refusal: 3, task: 0.5}\n")
+    assert load_config(f).data.category_weights == {"refusal": 3.0, "task": 0.5}
+    cfg = load_config(None, parse_overrides(["data.category_weights=refusal:2, lookalike:1.5"]))
+    assert cfg.data.category_weights == {"refusal": 2.0, "lookalike": 1.5}
+    cfg.save(tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg

@@ -11,6 +11,7 @@ from tinysft.data.validate import (
     load_conversations,
     load_labeled,
     load_prompts,
+    weight_categories,
 )
 
 
@@ -110,3 +111,26 @@ def test_labeled_rows_and_unknown_labels(tmp_path: Path) -> None:
     csv = tmp_path / "l.csv"
     csv.write_text("text,label\nRain in Spain,World\n")
     assert load_labeled([csv])[0].label == "World"
+
+
+def _convs(categories: list[str | None]) -> list:
+    return [to_conversation({"prompt": f"q{i}", "response": "a", **({"category": c} if c else {})}, f"f:{i + 1}")
+            for i, c in enumerate(categories)]
+
+
+def test_category_weights_repeat_drop_and_sample() -> None:
+    convs = _convs(["refusal", "task", "factual", None] * 50)
+    mixed = weight_categories(convs, {"refusal": 3, "task": 0, "factual": 0.5}, seed=1)
+    count = {c: sum(1 for m in mixed if m.category == c) for c in ("refusal", "task", "factual", None)}
+    assert count["refusal"] == 150 and count["task"] == 0 and count[None] == 50
+    assert 15 <= count["factual"] <= 35  # a seeded half of 50
+    assert mixed == weight_categories(convs, {"refusal": 3, "task": 0, "factual": 0.5}, seed=1)
+    assert weight_categories(convs, {}, seed=1) is convs
+
+
+def test_category_weights_name_a_missing_category() -> None:
+    with pytest.raises(DataError) as e:
+        weight_categories(_convs(["refusal", "task"]), {"refusl": 2})
+    assert "'refusl'" in str(e.value) and "refusal, task" in str(e.value)
+    with pytest.raises(DataError, match="weight 0"):
+        weight_categories(_convs(["refusal"]), {"refusal": 0})

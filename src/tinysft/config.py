@@ -78,6 +78,9 @@ class DataConfig:
     """A system message prepended to conversations that have none."""
     labels: list[str] = field(default_factory=list)
     """Classification label set; empty = inferred from the training file."""
+    category_weights: dict[str, float] = field(default_factory=dict)
+    """Re-mix training rows by ``category``: 2 = twice per epoch, 0.5 = a seeded half, 0 = dropped;
+    unlisted categories keep 1. On the command line: --set data.category_weights=refusal:2,task:0.5"""
 
     def __post_init__(self) -> None:
         if isinstance(self.train, str):
@@ -88,6 +91,9 @@ class DataConfig:
             raise ConfigError(f"data.max_length must be >= 8 (got {self.max_length}).")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in [0, 1) (got {self.val_fraction}).")
+        for name, weight in self.category_weights.items():
+            if weight < 0:
+                raise ConfigError(f"data.category_weights.{name} must be >= 0 (got {weight}).")
 
 
 @dataclass
@@ -231,6 +237,15 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}.")
         return [_coerce(v, args[0], where) for v in value]
+    if origin is dict:
+        if isinstance(value, str):  # --set data.category_weights=refusal:2,task:0.5
+            pairs = [p.partition(":") for p in value.split(",") if p.strip()]
+            if any(not sep for _, sep, _ in pairs):
+                raise ConfigError(f"{where}: expected NAME:VALUE pairs separated by commas, got {value!r}.")
+            value = {k.strip(): v.strip() for k, _, v in pairs}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}.")
+        return {_coerce(k, args[0], where): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
     if annotation is bool:
         if isinstance(value, bool):
             return value

@@ -32,7 +32,7 @@ from tinysft.config import RunConfig
 from tinysft.data.batching import IGNORE, Batch, make_batches, split_batch
 from tinysft.data.formats import Conversation
 from tinysft.data.render import Rendered, RenderError, render
-from tinysft.data.validate import DataError, Problem, load_conversations
+from tinysft.data.validate import DataError, Problem, load_conversations, weight_categories
 from tinysft.models.chunked_head import head_cross_entropy, plain_lm_head
 from tinysft.models.load import add_lora, fast_bf16_available, load_causal_lm
 from tinysft.models.lora_dropout import use_fast_dropout
@@ -333,6 +333,10 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
         n_val = max(1, int(len(idx) * cfg.data.val_fraction))
         eval_convs = [train_convs[i] for i in idx[:n_val]]
         train_convs = [train_convs[i] for i in idx[n_val:]]
+    if cfg.data.category_weights:  # after the split, so no repeated row lands in the eval set
+        n_before = len(train_convs)
+        train_convs = weight_categories(train_convs, cfg.data.category_weights, cfg.train.seed)
+        say(f"Category weights: {n_before} training rows -> {len(train_convs)} per epoch.")
 
     # ---- model --------------------------------------------------------------------------------
     accelerator.wait_for_everyone()  # every rank has read the run directory before rank 0 writes to it

@@ -9,6 +9,7 @@ import csv
 import hashlib
 import io
 import json
+import random
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -190,6 +191,35 @@ def load_conversations(paths: list[str | Path], *, for_training: bool = True) ->
         raise DataError(problems)
     if not out:
         raise DataError([Problem(", ".join(map(str, paths)), None, "(data)", "no rows found", "add data rows")])
+    return out
+
+
+def weight_categories(convs: list[Conversation], weights: dict[str, float], seed: int = 0) -> list[Conversation]:
+    """Re-mix training rows by category: weight 2 repeats a row twice per epoch, 0.5 keeps a seeded
+    half, 0 drops it. Unlisted categories (and rows without one) keep weight 1; order is kept.
+
+    A weighted category absent from the data is an error (usually a typo), listing the ones present.
+    """
+    if not weights:
+        return convs
+    present = Counter(c.category for c in convs if c.category)
+    missing = sorted(set(weights) - set(present))
+    if missing:
+        found = ", ".join(sorted(present)) or "none (no row has a 'category' field)"
+        raise DataError([Problem("(config)", None, "data.category_weights",
+                                 f"categor{'y' if len(missing) == 1 else 'ies'} {', '.join(map(repr, missing))} "
+                                 f"not in the training data", f"use one of: {found}")])
+    rng = random.Random(seed)
+    out: list[Conversation] = []
+    for conv in convs:
+        weight = weights.get(conv.category or "", 1.0)
+        whole = int(weight)
+        out.extend([conv] * whole)
+        if weight > whole and rng.random() < weight - whole:
+            out.append(conv)
+    if not out:
+        raise DataError([Problem("(config)", None, "data.category_weights", "every training row has weight 0",
+                                 "give at least one category a weight above 0")])
     return out
 
 
