@@ -77,6 +77,12 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "mix-b": {"train": {"epochs": 1, "learning_rate": 2e-3}, "lora": {"target_modules": ALL_LINEAR},
               "data": {"category_weights": {"refusal": 2, "lookalike": 1.5, "length_long": 1, "task": 0.5,
                                             "multiturn": 0.5, "instruction": 0.5, "conversational": 0.5}}},
+    "mix-c": {"train": {"epochs": 1, "learning_rate": 1e-3}, "lora": {"target_modules": ALL_LINEAR},
+              "data": {"category_weights": {"refusal": 2, "lookalike": 3, "task": 0.25, "multiturn": 0.25,
+                                            "instruction": 0.25, "conversational": 0.25}}},
+    "mix-d": {"train": {"epochs": 1, "learning_rate": 1e-3}, "lora": {"target_modules": ALL_LINEAR},
+              "data": {"category_weights": {"refusal": 1.5, "lookalike": 2.5, "task": 0.25, "multiturn": 0.25,
+                                            "instruction": 0.25, "conversational": 0.25}}},
 }
 
 
