@@ -80,9 +80,11 @@ def test_batched_equals_one_at_a_time_on_the_embedded_model(embedded_dir) -> Non
     from tinysft.evaluate.generate import generate
     from tinysft.models.load import load_causal_lm
 
-    model, tok, _ = load_causal_lm(ModelConfig(name=str(embedded_dir)), log=lambda m: None)
+    model, tok, _ = load_causal_lm(ModelConfig(name=str(embedded_dir), dtype="float32"), log=lambda m: None)
     rows = [json.loads(x) for x in (EXAMPLES / "polite-helper" / "prompts.jsonl").read_text().splitlines() if x.strip()]
     prompts = [[{"role": "user", "content": r["prompt"]}] for r in rows]
+    # fp32: identical greedy answers are a property of exact arithmetic; in bf16 a padded batch
+    # rounds differently from a single row and a near-tie can flip.
     batched = generate(model, tok, prompts, max_new_tokens=24, batch_size=len(prompts))
     single = generate(model, tok, prompts, max_new_tokens=24, batch_size=1)
     assert batched == single

@@ -92,18 +92,25 @@ def test_adapter_from_nf4_base_carries_over_to_the_full_precision_base(qlora_run
     assert cos > 0.95, float(cos)
 
 
-def test_merge_dequantizes_first_and_matches_the_quantized_model(qlora_run) -> None:
+def test_merge_dequantizes_first_and_matches_the_quantized_model(qlora_run, monkeypatch) -> None:
+    monkeypatch.setenv("TINYSFT_FAST_BF16", "0")  # fp32 compute dtype for the NF4 layers
     ids = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(1))
     quantized = load_run(qlora_run, log=lambda m: None).model
     dequantized = load_run(qlora_run, log=lambda m: None, dequantize=True).model
     assert not any("4bit" in type(m).__name__ for m in dequantized.modules()), "plain Linear layers after dequantize"
     tuned_q, _ = logits_pair(quantized, ids)
     tuned_d, _ = logits_pair(dequantized, ids)
-    # The dequantized weights are exactly the values the NF4 kernels compute with.
-    torch.testing.assert_close(tuned_d, tuned_q, atol=1e-4, rtol=1e-4)
+    # The dequantized weights are the values the NF4 kernels compute with. bitsandbytes' fused CPU
+    # kernel (taken where the CPU has bf16 instructions) multiplies in bf16 whatever the compute
+    # dtype, so there the two agree to bf16 rounding (2^-8 relative), elsewhere to fp32 rounding.
+    fused_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    tol = {"atol": 2e-2, "rtol": 1e-2} if fused_bf16 else {"atol": 1e-4, "rtol": 1e-4}
+    torch.testing.assert_close(tuned_d, tuned_q, **tol)
     with torch.no_grad():
         merged = dequantized.merge_and_unload()(input_ids=ids).logits.float()
-    torch.testing.assert_close(merged, tuned_q, atol=1e-4, rtol=1e-4)
+    # Merging the adapter into the dequantized weights is exact up to fp32 rounding.
+    torch.testing.assert_close(merged, tuned_d, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(merged, tuned_q, **tol)
 
 
 def test_int8_base_trains(tmp_path, tiny_model_dir) -> None:

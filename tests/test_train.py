@@ -64,7 +64,9 @@ def test_base_weights_unchanged_and_lora_weights_changed(tiny_run, tiny_model_di
     base_now = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
                 for k, v in loaded.model.state_dict().items() if "lora" not in k}
     for k, v in base_before.items():
-        assert torch.equal(base_now[k].to(v.dtype), v), k
+        # Compared in the dtype the run loads (bf16 where bf16 is fast): rounding the saved fp32
+        # weights must give exactly what the run holds.
+        assert torch.equal(base_now[k], v.to(base_now[k].dtype)), k
 
 
 def test_adapter_changes_the_output(tiny_run) -> None:

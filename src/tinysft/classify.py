@@ -46,7 +46,7 @@ from tinysft.train import (
     atomic_save_dir,
     atomic_write_text,
     latest_checkpoint,
-    mixed_precision_for,
+    make_accelerator,
     plot_losses,
     write_manifest,
 )
@@ -238,7 +238,6 @@ def train_classifier(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fals
     Writes the run directory described in the module docstring. ``stop_after_steps`` ends the run
     early after writing a checkpoint (tests); ``resume=True`` continues from the latest checkpoint.
     """
-    from accelerate import Accelerator
     from transformers import get_scheduler
 
     run_dir = Path(run_dir)
@@ -246,7 +245,7 @@ def train_classifier(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fals
     cfg.model.name = classifier_model_name(cfg.model.name)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    accelerator = Accelerator(mixed_precision=mixed_precision_for(cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu")))
+    accelerator = make_accelerator(cfg)
     device, is_main = accelerator.device, accelerator.is_main_process
     say = log if is_main else (lambda _msg: None)
 

@@ -286,6 +286,26 @@ def mixed_precision_for(cfg: RunConfig, device: torch.device) -> str:
     return mp
 
 
+def make_accelerator(cfg: RunConfig, *, cpu: bool = False) -> Any:
+    """An ``accelerate.Accelerator`` with the run's mixed precision.
+
+    accelerate keeps its state in a process-wide singleton and refuses a second Accelerator with
+    another ``mixed_precision`` ("AcceleratorState has already been initialized"). Within one
+    process (a notebook, a sweep, the tests) runs may differ in precision, so the single-process
+    state is reset when it disagrees; a launched multi-process run is never touched (its state
+    comes from ``accelerate launch`` and holds the process group).
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    mp = mixed_precision_for(cfg, device)
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", mp) != mp and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=mp, cpu=cpu)
+
+
 def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Callable[[str], None] = print,
           show_progress: bool = True, stop_after_steps: int | None = None) -> TrainResult:
     """Fine-tune ``cfg.model`` with LoRA on ``cfg.data.train``; write the run directory.
@@ -300,7 +320,6 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
     Multi-process (``accelerate launch`` / ``torchrun``): every rank runs this function on its own
     shard of the micro-batches; rank 0 alone logs, shows progress and writes files.
     """
-    from accelerate import Accelerator
     from transformers import get_scheduler
 
     run_dir = Path(run_dir)
@@ -311,8 +330,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
     # autocast. Without `cpu=True` accelerate ignores torchrun's WORLD_SIZE on a machine with no GPU
     # and every process would train alone; with it, CPU processes join one gloo group.
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    accelerator = Accelerator(mixed_precision=mixed_precision_for(cfg, torch.device("cuda" if torch.cuda.is_available() else "cpu")),
-                              cpu=multi_cpu)
+    accelerator = make_accelerator(cfg, cpu=multi_cpu)
     device = accelerator.device
     is_main = accelerator.is_main_process
     say = log if is_main else (lambda _msg: None)

@@ -20,8 +20,12 @@ def fast_bf16_available(device: torch.device | str = "cpu") -> bool:
     """True where bf16 matmuls are fast: CUDA with bf16, or a CPU with AMX or AVX512-BF16.
 
     On a CPU without them, bf16 is emulated and *slower* than fp32 (measured ~0.35x on AVX512
-    without BF16), so "auto" must not pick it there.
+    without BF16), so "auto" must not pick it there. ``TINYSFT_FAST_BF16=0`` in the environment
+    turns it off everywhere (fp32 throughout: bit-for-bit reproducible numbers, e.g. batched
+    greedy answers identical to one-at-a-time ones, at the cost of speed).
     """
+    if os.environ.get("TINYSFT_FAST_BF16", "").strip().lower() in ("0", "no", "false", "off"):
+        return False
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
