@@ -53,6 +53,9 @@ TRL_CONFIGS = {
     "fp32-packed": {"bf16": False, "packing": True},
     "bf16-packed": {"bf16": True, "packing": True},
 }
+# Any TRL configuration may also run on tcmalloc ("bf16-packed+tcmalloc"), the allocator tinysft's
+# command picks by itself (tinysft/allocator.py): that isolates what the allocator is worth from
+# what tinysft's own code is worth. The tinysft worker runs as the `tinysft` command does.
 
 
 # ---- shared --------------------------------------------------------------------------------------
@@ -106,8 +109,8 @@ def final_train_loss(losses: list[float]) -> float:
 
 def run_tinysft(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     from tinysft.config import load_config, parse_overrides
-    from tinysft.models.load import load_run
-    from tinysft.train import train
+    from tinysft.models.load import load_run, resolve_dtype
+    from tinysft.train import mixed_precision_for, train
 
     overrides = [f"model.name={spec['model']}", f"data.train={spec['train']}", f"data.max_length={spec['max_length']}",
                  f"train.epochs={spec['epochs']}", f"train.learning_rate={spec['lr']}",
@@ -122,8 +125,9 @@ def run_tinysft(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     return {"tokens": tokens, "seconds": result.seconds, "steps": result.steps, "peak_rss_mb": rss,
             "train_loss": final_train_loss([h["loss"] for h in result.history if "loss" in h]),
             "eval_loss": eval_loss(loaded.model, loaded.tokenizer, spec),
-            "dtype": str(next(p for p in loaded.model.parameters()).dtype).replace("torch.", ""),
-            "mixed_precision": cfg.train.mixed_precision, "packing": cfg.train.packing}
+            # What training computed in (the reloaded model is cast to fp32 for the eval loss).
+            "dtype": str(resolve_dtype(cfg.model.dtype)).replace("torch.", ""),
+            "mixed_precision": mixed_precision_for(cfg, torch.device("cpu")), "packing": cfg.train.packing}
 
 
 def run_trl(spec: dict[str, Any], out: Path, name: str) -> dict[str, Any]:
@@ -134,7 +138,7 @@ def run_trl(spec: dict[str, Any], out: Path, name: str) -> dict[str, Any]:
 
     from tinysft.models.load import load_tokenizer, resolve_model_path
 
-    conf = TRL_CONFIGS[name]
+    conf = TRL_CONFIGS[name.removesuffix('+tcmalloc')]
     path = resolve_model_path(spec["model"], log=lambda m: None)
     tokenizer = load_tokenizer(path)
     rows = load_rows(spec, tokenizer, spec["train"])
@@ -224,8 +228,13 @@ def run_side(side: str, spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
     spec_path.write_text(json.dumps(spec))
     result_path.unlink(missing_ok=True)
     t0 = time.perf_counter()
+    from tinysft.allocator import preload_env
+
+    env = preload_env() if side == "tinysft" or side.endswith("+tcmalloc") else dict(os.environ)
+    if side != "tinysft" and not side.endswith("+tcmalloc"):
+        env["LD_PRELOAD"] = ":".join(p for p in env.get("LD_PRELOAD", "").split(":") if "tcmalloc" not in p)
     proc = subprocess.run([sys.executable, __file__, "--worker", side, str(spec_path), str(result_path)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
     if proc.returncode != 0 or not result_path.is_file():
         sys.exit(f"{side} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     result = json.loads(result_path.read_text())
@@ -263,7 +272,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=1, help="alternating rounds; medians are reported")
-    ap.add_argument("--trl-configs", default="fp32",
+    ap.add_argument("--trl-configs", default="bf16-packed,bf16-packed+tcmalloc",
                     help=f"comma-separated TRL configurations to run, the fastest is compared: {', '.join(TRL_CONFIGS)}")
     ap.add_argument("--tinysft-set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra tinysft overrides, e.g. train.packing=false")
@@ -272,7 +281,7 @@ def main() -> None:
     args = ap.parse_args()
     trl_names = [n.strip() for n in args.trl_configs.split(",") if n.strip()]
     for n in trl_names:
-        if n not in TRL_CONFIGS:
+        if n.removesuffix("+tcmalloc") not in TRL_CONFIGS:
             ap.error(f"--trl-configs: unknown '{n}'; choose from {', '.join(TRL_CONFIGS)}")
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,6 +1,8 @@
 """The command line end to end on a temp dir, with the tiny model."""
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -82,3 +84,17 @@ def test_prompt_rows_written_back_even_with_messages(tmp_path: Path, tiny_model_
     proc = tinysft("generate", str(run), "--prompts", str(rows), "--out", str(out), "--max-new-tokens", "4", "--base")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(out.read_text())["id"] == 7
+
+
+def test_cli_runs_on_tcmalloc_where_the_system_has_it() -> None:
+    from tinysft.allocator import tcmalloc_path
+
+    exe = shutil.which("tinysft", path=str(Path(sys.executable).parent))
+    assert exe
+    on = subprocess.run([exe, "models"], capture_output=True, text=True, timeout=120)
+    off = subprocess.run([exe, "models"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "TINYSFT_TCMALLOC": "0"})
+    assert on.returncode == off.returncode == 0, on.stderr + off.stderr
+    assert "memory allocator: default" in off.stdout
+    want = "tcmalloc" if tcmalloc_path() else "default"
+    assert f"memory allocator: {want}" in on.stdout, on.stdout

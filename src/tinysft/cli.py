@@ -132,12 +132,17 @@ def models() -> None:
 
     Example: tinysft models
     """
+    from tinysft.allocator import allocator_in_use
+    from tinysft.models.load import fast_bf16_available
     from tinysft.models.registry import list_models, tinysft_home
 
     out.print(f"Embedded models (cache: {tinysft_home()})", highlight=False)
     for row in list_models():
         out.print(f"\n[bold]{row['name']}[/bold]  ({row['kind']})  {row['description']}", highlight=False)
         out.print(f"  source: {row['source']}\n  cache:  {row['status']}", highlight=False, soft_wrap=True)
+    cpu_dtype = "bf16" if fast_bf16_available("cpu") else "fp32 (no fast bf16 on this CPU)"
+    out.print(f"\nThis machine: CPU training computes in {cpu_dtype}; memory allocator: {allocator_in_use()}",
+              highlight=False)
 
 
 @data_app.command("check")
@@ -448,6 +453,9 @@ def serve(
 
 
 def main() -> None:
+    from tinysft.allocator import reexec_with_tcmalloc
+
+    reexec_with_tcmalloc()
     app()
 
 
