@@ -83,6 +83,14 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "mix-d": {"train": {"epochs": 1, "learning_rate": 1e-3}, "lora": {"target_modules": ALL_LINEAR},
               "data": {"category_weights": {"refusal": 1.5, "lookalike": 2.5, "task": 0.25, "multiturn": 0.25,
                                             "instruction": 0.25, "conversational": 0.25}}},
+    # More passes at a lower rate (the 1-epoch, 1e-3 runs above refuse look-alikes): weights as
+    # mix-c, plus long answers twice so detailed answers stay long.
+    "mix-e2-lr5e-4": {"train": {"epochs": 2, "learning_rate": 5e-4}, "lora": {"target_modules": ALL_LINEAR},
+                      "data": {"category_weights": {"refusal": 2, "lookalike": 3, "length_long": 2, "task": 0.5,
+                                                    "multiturn": 0.5, "instruction": 0.5, "conversational": 0.5}}},
+    "mix-e3-lr3e-4": {"train": {"epochs": 3, "learning_rate": 3e-4}, "lora": {"target_modules": ALL_LINEAR},
+                      "data": {"category_weights": {"refusal": 2, "lookalike": 3, "length_long": 2, "task": 0.5,
+                                                    "multiturn": 0.5, "instruction": 0.5, "conversational": 0.5}}},
 }
 
 
@@ -274,6 +282,7 @@ def main() -> None:
     ap.add_argument("--train-only", action="store_true", help="train the variants, evaluate nothing")
     ap.add_argument("--list", action="store_true", help="print the named variants and exit")
     args = ap.parse_args()
+    args.out_root.mkdir(parents=True, exist_ok=True)
 
     if args.list:
         print(f"recipe: {json.dumps(RECIPE)}")
