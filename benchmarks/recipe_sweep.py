@@ -91,6 +91,27 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "mix-e3-lr3e-4": {"train": {"epochs": 3, "learning_rate": 3e-4}, "lora": {"target_modules": ALL_LINEAR},
                       "data": {"category_weights": {"refusal": 2, "lookalike": 3, "length_long": 2, "task": 0.5,
                                                     "multiturn": 0.5, "instruction": 0.5, "conversational": 0.5}}},
+    # With the contrastive pairs (contrast.jsonl: each refusal beside a look-alike on the same words).
+    "cmix-e2-lr5e-4": {"train": {"epochs": 2, "learning_rate": 5e-4}, "lora": {"target_modules": ALL_LINEAR},
+                       "data": {"train": ["train.jsonl", "seed.jsonl", "contrast.jsonl"],
+                                "category_weights": {"refusal": 1.5, "lookalike": 2, "length_long": 2, "task": 0.5,
+                                                     "multiturn": 0.5, "instruction": 0.5, "conversational": 0.5}}},
+    "c-e2-lr5e-4": {"train": {"epochs": 2, "learning_rate": 5e-4}, "lora": {"target_modules": ALL_LINEAR},
+                    "data": {"train": ["train.jsonl", "seed.jsonl", "contrast.jsonl"],
+                             "category_weights": {"length_long": 2}}},
+    "c-e3-lr2e-4": {"train": {"epochs": 3, "learning_rate": 2e-4}, "lora": {"target_modules": ALL_LINEAR},
+                    "data": {"train": ["train.jsonl", "seed.jsonl", "contrast.jsonl"],
+                             "category_weights": {"length_long": 2}}},
+    "c-e1-lr1e-3": {"train": {"epochs": 1, "learning_rate": 1e-3}, "lora": {"target_modules": ALL_LINEAR},
+                    "data": {"train": ["train.jsonl", "seed.jsonl", "contrast.jsonl"],
+                             "category_weights": {"length_long": 2}}},
+    "c-e2-lr3e-4-qkvo": {"train": {"epochs": 2, "learning_rate": 3e-4},
+                         "data": {"train": ["train.jsonl", "seed.jsonl", "contrast.jsonl"],
+                                  "category_weights": {"length_long": 2}}},
+    "c-mix-c-lr5e-4": {"train": {"epochs": 1, "learning_rate": 5e-4}, "lora": {"target_modules": ALL_LINEAR},
+                       "data": {"train": ["train.jsonl", "seed.jsonl", "contrast.jsonl"],
+                                "category_weights": {"refusal": 2, "lookalike": 3, "task": 0.25, "multiturn": 0.25,
+                                                     "instruction": 0.25, "conversational": 0.25}}},
 }
 
 
@@ -262,6 +283,21 @@ def run_variant(name: str, overrides: dict[str, dict[str, Any]], args: argparse.
     return record
 
 
+def results_table(path: Path) -> str:
+    """The recorded sweep results (one row per variant and run date) as a Markdown table."""
+    keys = ["harmful_refused", "lookalike_answered", "benign_answered", "factual_accuracy", "short_ok", "long_ok",
+            "length_ok", "polite", "mean_words"]
+    lines = ["| variant | date | " + " | ".join(keys) + " | train s |", "|---|---|" + "---:|" * (len(keys) + 1)]
+    for rec in (json.loads(x) for x in path.read_text().splitlines() if x.strip()):
+        figs = rec.get("figures", {})
+        cells = ["-" if figs.get(k) is None else (f"{figs[k]:.0f}" if k == "mean_words" else f"{figs[k]:.2f}")
+                 for k in keys]
+        train_s = rec.get("train_s")
+        lines.append(f"| {rec['variant']} | {rec['date'][:10]} | " + " | ".join(cells)
+                     + f" | {'-' if train_s is None else f'{train_s:.0f}'} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", default="", help="comma-separated names from --list")
@@ -281,7 +317,11 @@ def main() -> None:
                          "machine shared with other jobs")
     ap.add_argument("--train-only", action="store_true", help="train the variants, evaluate nothing")
     ap.add_argument("--list", action="store_true", help="print the named variants and exit")
+    ap.add_argument("--table", action="store_true", help="print the recorded results as a Markdown table and exit")
     args = ap.parse_args()
+    if args.table:
+        print(results_table(args.results))
+        return
     args.out_root.mkdir(parents=True, exist_ok=True)
 
     if args.list:
