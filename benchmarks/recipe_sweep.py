@@ -112,6 +112,9 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
                        "data": {"train": ["train.jsonl", "seed.jsonl", "contrast.jsonl"],
                                 "category_weights": {"refusal": 2, "lookalike": 3, "task": 0.25, "multiturn": 0.25,
                                                      "instruction": 0.25, "conversational": 0.25}}},
+    "mix-c2": {"train": {"epochs": 1, "learning_rate": 1e-3}, "lora": {"target_modules": ALL_LINEAR},
+               "data": {"category_weights": {"refusal": 3, "lookalike": 4, "length_long": 2, "task": 0.25,
+                                             "multiturn": 0.25, "instruction": 0.25, "conversational": 0.25}}},
 }
 
 

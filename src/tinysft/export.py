@@ -117,8 +117,10 @@ def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 def merged_model(run_dir: str | Path, log: Callable[[str], None] = print) -> _Merged:
     """Load a run, merge its adapter into a float32 copy of the base, and check the merge in memory."""
-    loaded = load_run(run_dir, log=log, dequantize=True)
-    model = loaded.model.float()  # upcast a bf16/fp16 base so the reference and the merge are exact
+    # The full-precision base (a bf16 load, the default where bf16 is fast, would merge into rounded
+    # weights); .float() still upcasts a base that is stored in bf16 / fp16.
+    loaded = load_run(run_dir, log=log, dequantize=True, dtype="float32")
+    model = loaded.model.float()
     tokenizer = loaded.tokenizer
     prompts = sample_prompt_ids(tokenizer, loaded.config.data.system_prompt)
     reference = prompt_logits(model, prompts)  # adapter enabled = base + adapter

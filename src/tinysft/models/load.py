@@ -285,11 +285,14 @@ class LoadedRun:
     run_dir: Path
 
 
-def load_run(run_dir: str | Path, device: torch.device | str = "cpu", log=print, dequantize: bool = False) -> LoadedRun:
+def load_run(run_dir: str | Path, device: torch.device | str = "cpu", log=print, dequantize: bool = False,
+             dtype: str | None = None) -> LoadedRun:
     """Load a run directory's base model with its adapter, ready for generation.
 
     ``dequantize=True`` turns a 4-/8-bit base back into plain Linear layers (the values the adapter
-    was trained against) before the adapter is attached, so it can be merged exactly.
+    was trained against) before the adapter is attached, so it can be merged exactly. ``dtype``
+    overrides the run's ``model.dtype`` (e.g. "float32" to merge into the full-precision base
+    rather than its bf16 rounding).
     """
     import peft
 
@@ -309,6 +312,8 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", log=print,
     if risky:  # a run folder from elsewhere can turn these on; say so before any code could run
         log(f"note: {run_dir / 'config.yaml'} sets model.{' and model.'.join(risky)}=true: loading may run code "
             "shipped with the model. Load runs only from sources you trust.")
+    if dtype is not None:
+        cfg.model.dtype = dtype
     base, tokenizer, _ = load_causal_lm(cfg.model, device=device, log=log)
     if dequantize and cfg.model.quantize != "none":
         base = base.dequantize()
