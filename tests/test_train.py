@@ -111,3 +111,33 @@ def test_eval_split_and_eval_loss(tmp_path, tiny_model_dir) -> None:
     result = train(cfg, tmp_path / "run", show_progress=False, log=lambda m: None)
     assert result.eval_loss is not None and result.eval_loss > 0
     assert any("eval_loss" in h for h in result.history)
+
+
+def test_runs_with_different_precisions_in_one_process(tmp_path, tiny_model_dir, chat_file) -> None:
+    """accelerate keeps one process-wide state; a sweep or notebook trains fp32 and bf16 runs in turn."""
+    from accelerate.state import AcceleratorState
+
+    for i, mp in enumerate(["no", "bf16", "no"]):
+        result = train(tiny_cfg(tiny_model_dir, chat_file, "train.epochs=1", f"train.mixed_precision={mp}"),
+                       tmp_path / f"run-{i}", show_progress=False, log=lambda m: None)
+        assert (tmp_path / f"run-{i}" / "adapter" / "adapter_model.safetensors").is_file()
+        assert AcceleratorState().mixed_precision == mp
+        assert all(torch.isfinite(torch.tensor([h["loss"] for h in result.history if "loss" in h])))
+
+
+def test_lora_inputs_stay_in_bf16_under_autocast(tiny_model_dir) -> None:
+    """Without the cast, the adapters give the same output under autocast (they compute in bf16 anyway)."""
+    from tinysft.config import LoraConfig, ModelConfig
+    from tinysft.models.load import add_lora, keep_lora_inputs_in_compute_dtype, load_causal_lm
+
+    base, _, _ = load_causal_lm(ModelConfig(name=str(tiny_model_dir), dtype="bfloat16"), log=lambda m: None)
+    model = add_lora(base, LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["all-linear"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)  # a non-zero adapter, so its path counts
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = model(input_ids=ids).logits.float()
+        assert keep_lora_inputs_in_compute_dtype(model) == 14  # 7 linear layers x 2 decoder layers
+        after = model(input_ids=ids).logits.float()
+    torch.testing.assert_close(after, before, atol=2e-2, rtol=2e-2)
