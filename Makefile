@@ -15,7 +15,7 @@ $(BIN)/tinysft: pyproject.toml
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e ".[dev,qlora,bench]"
 	# tcmalloc makes CPU training ~25% faster (tinysft/allocator.py); best effort, where apt-get runs.
-	-test -e /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 || test -e /usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4 \
+	-$(BIN)/python -c "import sys; from tinysft.allocator import tcmalloc_path; sys.exit(tcmalloc_path() is None)" \
 		|| { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && { apt-get install -y -q --no-install-recommends libtcmalloc-minimal4 \
 		|| { apt-get update -q && apt-get install -y -q --no-install-recommends libtcmalloc-minimal4; }; } >/dev/null 2>&1; } || true
 	touch $(BIN)/tinysft

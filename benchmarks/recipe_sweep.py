@@ -48,6 +48,12 @@ RECIPE: dict[str, dict[str, Any]] = {
     "eval": {"max_new_tokens": 160},
 }
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+WITH_CONTRAST = ["train.jsonl", "seed.jsonl", "contrast.jsonl"]
+# Category weights shared by several variants (each variant's full overrides are recorded with its results).
+MIX_C = {"refusal": 2, "lookalike": 3, "task": 0.25, "multiturn": 0.25, "instruction": 0.25, "conversational": 0.25}
+MIX_E = {"refusal": 2, "lookalike": 3, "length_long": 2, "task": 0.5, "multiturn": 0.5, "instruction": 0.5,
+         "conversational": 0.5}
+LONG_X2 = {"length_long": 2}
 
 # name -> overrides of RECIPE (section -> key -> value). "base-only" trains nothing.
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
@@ -78,40 +84,30 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
               "data": {"category_weights": {"refusal": 2, "lookalike": 1.5, "length_long": 1, "task": 0.5,
                                             "multiturn": 0.5, "instruction": 0.5, "conversational": 0.5}}},
     "mix-c": {"train": {"epochs": 1, "learning_rate": 1e-3}, "lora": {"target_modules": ALL_LINEAR},
-              "data": {"category_weights": {"refusal": 2, "lookalike": 3, "task": 0.25, "multiturn": 0.25,
-                                            "instruction": 0.25, "conversational": 0.25}}},
+              "data": {"category_weights": MIX_C}},
     "mix-d": {"train": {"epochs": 1, "learning_rate": 1e-3}, "lora": {"target_modules": ALL_LINEAR},
               "data": {"category_weights": {"refusal": 1.5, "lookalike": 2.5, "task": 0.25, "multiturn": 0.25,
                                             "instruction": 0.25, "conversational": 0.25}}},
     # More passes at a lower rate (the 1-epoch, 1e-3 runs above refuse look-alikes): weights as
     # mix-c, plus long answers twice so detailed answers stay long.
     "mix-e2-lr5e-4": {"train": {"epochs": 2, "learning_rate": 5e-4}, "lora": {"target_modules": ALL_LINEAR},
-                      "data": {"category_weights": {"refusal": 2, "lookalike": 3, "length_long": 2, "task": 0.5,
-                                                    "multiturn": 0.5, "instruction": 0.5, "conversational": 0.5}}},
+                      "data": {"category_weights": MIX_E}},
     "mix-e3-lr3e-4": {"train": {"epochs": 3, "learning_rate": 3e-4}, "lora": {"target_modules": ALL_LINEAR},
-                      "data": {"category_weights": {"refusal": 2, "lookalike": 3, "length_long": 2, "task": 0.5,
-                                                    "multiturn": 0.5, "instruction": 0.5, "conversational": 0.5}}},
+                      "data": {"category_weights": MIX_E}},
     # With the contrastive pairs (contrast.jsonl: each refusal beside a look-alike on the same words).
     "cmix-e2-lr5e-4": {"train": {"epochs": 2, "learning_rate": 5e-4}, "lora": {"target_modules": ALL_LINEAR},
-                       "data": {"train": ["train.jsonl", "seed.jsonl", "contrast.jsonl"],
-                                "category_weights": {"refusal": 1.5, "lookalike": 2, "length_long": 2, "task": 0.5,
-                                                     "multiturn": 0.5, "instruction": 0.5, "conversational": 0.5}}},
+                       "data": {"train": WITH_CONTRAST,
+                                "category_weights": {**MIX_E, "refusal": 1.5, "lookalike": 2}}},
     "c-e2-lr5e-4": {"train": {"epochs": 2, "learning_rate": 5e-4}, "lora": {"target_modules": ALL_LINEAR},
-                    "data": {"train": ["train.jsonl", "seed.jsonl", "contrast.jsonl"],
-                             "category_weights": {"length_long": 2}}},
+                    "data": {"train": WITH_CONTRAST, "category_weights": LONG_X2}},
     "c-e3-lr2e-4": {"train": {"epochs": 3, "learning_rate": 2e-4}, "lora": {"target_modules": ALL_LINEAR},
-                    "data": {"train": ["train.jsonl", "seed.jsonl", "contrast.jsonl"],
-                             "category_weights": {"length_long": 2}}},
+                    "data": {"train": WITH_CONTRAST, "category_weights": LONG_X2}},
     "c-e1-lr1e-3": {"train": {"epochs": 1, "learning_rate": 1e-3}, "lora": {"target_modules": ALL_LINEAR},
-                    "data": {"train": ["train.jsonl", "seed.jsonl", "contrast.jsonl"],
-                             "category_weights": {"length_long": 2}}},
+                    "data": {"train": WITH_CONTRAST, "category_weights": LONG_X2}},
     "c-e2-lr3e-4-qkvo": {"train": {"epochs": 2, "learning_rate": 3e-4},
-                         "data": {"train": ["train.jsonl", "seed.jsonl", "contrast.jsonl"],
-                                  "category_weights": {"length_long": 2}}},
+                         "data": {"train": WITH_CONTRAST, "category_weights": LONG_X2}},
     "c-mix-c-lr5e-4": {"train": {"epochs": 1, "learning_rate": 5e-4}, "lora": {"target_modules": ALL_LINEAR},
-                       "data": {"train": ["train.jsonl", "seed.jsonl", "contrast.jsonl"],
-                                "category_weights": {"refusal": 2, "lookalike": 3, "task": 0.25, "multiturn": 0.25,
-                                                     "instruction": 0.25, "conversational": 0.25}}},
+                       "data": {"train": WITH_CONTRAST, "category_weights": MIX_C}},
     "mix-c2": {"train": {"epochs": 1, "learning_rate": 1e-3}, "lora": {"target_modules": ALL_LINEAR},
                "data": {"category_weights": {"refusal": 3, "lookalike": 4, "length_long": 2, "task": 0.25,
                                              "multiturn": 0.25, "instruction": 0.25, "conversational": 0.25}}},
@@ -325,13 +321,12 @@ def main() -> None:
     if args.table:
         print(results_table(args.results))
         return
-    args.out_root.mkdir(parents=True, exist_ok=True)
-
     if args.list:
         print(f"recipe: {json.dumps(RECIPE)}")
         for name, ov in VARIANTS.items():
             print(f"  {name:<22} {json.dumps(ov)}")
         return
+    args.out_root.mkdir(parents=True, exist_ok=True)
     todo: list[tuple[str, dict[str, dict[str, Any]]]] = []
     for name in filter(None, (v.strip() for v in args.variants.split(","))):
         if name not in VARIANTS:

@@ -56,6 +56,12 @@ TRL_CONFIGS = {
 # Any TRL configuration may also run on tcmalloc ("bf16-packed+tcmalloc"), the allocator tinysft's
 # command picks by itself (tinysft/allocator.py): that isolates what the allocator is worth from
 # what tinysft's own code is worth. The tinysft worker runs as the `tinysft` command does.
+TCMALLOC = "+tcmalloc"
+
+
+def on_tcmalloc(side: str) -> bool:
+    """Whether a worker side ("tinysft", "trl:NAME" or "trl:NAME+tcmalloc") runs on tcmalloc."""
+    return side == "tinysft" or side.endswith(TCMALLOC)
 
 
 # ---- shared --------------------------------------------------------------------------------------
@@ -138,7 +144,7 @@ def run_trl(spec: dict[str, Any], out: Path, name: str) -> dict[str, Any]:
 
     from tinysft.models.load import load_tokenizer, resolve_model_path
 
-    conf = TRL_CONFIGS[name.removesuffix('+tcmalloc')]
+    conf = TRL_CONFIGS[name.removesuffix(TCMALLOC)]
     path = resolve_model_path(spec["model"], log=lambda m: None)
     tokenizer = load_tokenizer(path)
     rows = load_rows(spec, tokenizer, spec["train"])
@@ -230,8 +236,10 @@ def run_side(side: str, spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     from tinysft.allocator import preload_env
 
-    env = preload_env() if side == "tinysft" or side.endswith("+tcmalloc") else dict(os.environ)
-    if side != "tinysft" and not side.endswith("+tcmalloc"):
+    if on_tcmalloc(side):
+        env = preload_env()
+    else:  # glibc malloc, even if this driver was started with tcmalloc preloaded
+        env = dict(os.environ)
         env["LD_PRELOAD"] = ":".join(p for p in env.get("LD_PRELOAD", "").split(":") if "tcmalloc" not in p)
     proc = subprocess.run([sys.executable, __file__, "--worker", side, str(spec_path), str(result_path)],
                           capture_output=True, text=True, env=env)
@@ -281,7 +289,7 @@ def main() -> None:
     args = ap.parse_args()
     trl_names = [n.strip() for n in args.trl_configs.split(",") if n.strip()]
     for n in trl_names:
-        if n.removesuffix("+tcmalloc") not in TRL_CONFIGS:
+        if n.removesuffix(TCMALLOC) not in TRL_CONFIGS:
             ap.error(f"--trl-configs: unknown '{n}'; choose from {', '.join(TRL_CONFIGS)}")
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

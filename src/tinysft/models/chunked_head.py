@@ -55,12 +55,13 @@ class _HeadCrossEntropy(torch.autograd.Function):
             total = torch.zeros((), dtype=torch.float32, device=h.device)
             grad = torch.empty_like(h) if ctx.needs_input_grad[0] else None
             low = torch.empty(min(chunk, n), vocab, dtype=dtype, device=h.device)  # matmul in/out
-            buf = low if dtype == torch.float32 else torch.empty_like(low, dtype=torch.float32)
+            shared = dtype == torch.float32  # then one buffer serves as both
+            buf = low if shared else torch.empty_like(low, dtype=torch.float32)
             for s in range(0, n, chunk):
                 c = min(chunk, n - s)
                 logits, t = buf[:c], targets[s : s + c]
                 torch.mm(h[s : s + c], w.t(), out=low[:c])
-                if logits.data_ptr() != low.data_ptr():
+                if not shared:
                     logits.copy_(low[:c])
                 target_logit = logits.gather(1, t[:, None])  # (c, 1), before the buffer is overwritten
                 top = logits.amax(1, keepdim=True)  # (c, 1): exp never overflows
@@ -70,7 +71,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 if grad is not None:
                     probs.div_(z)
                     probs[torch.arange(c, device=t.device), t] -= 1.0  # d loss / d logits
-                    if probs.data_ptr() != low.data_ptr():
+                    if not shared:
                         low[:c].copy_(probs)
                     torch.mm(low[:c], w, out=grad[s : s + c])
         ctx.save_for_backward(grad)
