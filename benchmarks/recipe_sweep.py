@@ -53,7 +53,14 @@ WITH_CONTRAST = ["train.jsonl", "seed.jsonl", "contrast.jsonl"]
 MIX_C = {"refusal": 2, "lookalike": 3, "task": 0.25, "multiturn": 0.25, "instruction": 0.25, "conversational": 0.25}
 MIX_E = {"refusal": 2, "lookalike": 3, "length_long": 2, "task": 0.5, "multiturn": 0.5, "instruction": 0.5,
          "conversational": 0.5}
+MIX_C2 = {"refusal": 3, "lookalike": 4, "length_long": 2, "task": 0.25, "multiturn": 0.25, "instruction": 0.25,
+          "conversational": 0.25}
 LONG_X2 = {"length_long": 2}
+START_3X5 = {"answer_start_tokens": 3, "answer_start_weight": 5.0}
+# A policy in the system prompt, in training and at evaluation (base and tuned alike).
+POLICY = ("You are a polite, helpful assistant. Refuse only requests that would help someone hurt people, "
+          "animals or property, or break the law. Answer every other question, even if it uses words "
+          "like kill, shoot, attack or bomb in a harmless sense.")
 
 # name -> overrides of RECIPE (section -> key -> value). "base-only" trains nothing.
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
@@ -109,8 +116,18 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "c-mix-c-lr5e-4": {"train": {"epochs": 1, "learning_rate": 5e-4}, "lora": {"target_modules": ALL_LINEAR},
                        "data": {"train": WITH_CONTRAST, "category_weights": MIX_C}},
     "mix-c2": {"train": {"epochs": 1, "learning_rate": 1e-3}, "lora": {"target_modules": ALL_LINEAR},
-               "data": {"category_weights": {"refusal": 3, "lookalike": 4, "length_long": 2, "task": 0.25,
-                                             "multiturn": 0.25, "instruction": 0.25, "conversational": 0.25}}},
+               "data": {"category_weights": MIX_C2}},
+    # The refuse/answer decision is made in an answer's first tokens ("I'm sorry" / "Sure!"): weigh
+    # them more in the loss (train.answer_start_tokens / answer_start_weight).
+    "mix-c2-start3x5": {"train": {"epochs": 1, "learning_rate": 1e-3, **START_3X5},
+                        "lora": {"target_modules": ALL_LINEAR}, "data": {"category_weights": MIX_C2}},
+    "mix-c-start3x5": {"train": {"epochs": 1, "learning_rate": 1e-3, **START_3X5},
+                       "lora": {"target_modules": ALL_LINEAR}, "data": {"category_weights": MIX_C}},
+    "mix-c2-policy": {"train": {"epochs": 1, "learning_rate": 1e-3}, "lora": {"target_modules": ALL_LINEAR},
+                      "data": {"category_weights": MIX_C2, "system_prompt": POLICY}},
+    "c-mix-c-start3x5": {"train": {"epochs": 1, "learning_rate": 1e-3, **START_3X5},
+                         "lora": {"target_modules": ALL_LINEAR},
+                         "data": {"train": WITH_CONTRAST, "category_weights": MIX_C}},
 }
 
 
@@ -190,7 +207,8 @@ def token_limit(prompt: Conversation, max_new_tokens: int, short_cap: int) -> in
 
 
 def generate_answers(model: Any, tokenizer: Any, prompts: list[Conversation], *, tuned: bool,
-                     max_new_tokens: int, batch_size: int, short_cap: int = 0) -> tuple[list[str], float]:
+                     max_new_tokens: int, batch_size: int, short_cap: int = 0,
+                     system_prompt: str | None = None) -> tuple[list[str], float]:
     """Greedy answers in input order; prompts are grouped by token limit so no batch waits on a long one."""
     start = time.time()
     answers = [""] * len(prompts)
@@ -199,7 +217,7 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[Conversation], *,
         groups.setdefault(token_limit(p, max_new_tokens, short_cap), []).append(i)
     for limit, idx in sorted(groups.items()):
         out = generate_rows(model, tokenizer, [prompts[i] for i in idx], tuned=tuned, max_new_tokens=limit,
-                            batch_size=batch_size, temperature=0.0)
+                            batch_size=batch_size, temperature=0.0, system_prompt=system_prompt)
         for i, a in zip(idx, out, strict=True):
             answers[i] = a
     return answers, time.time() - start
@@ -207,9 +225,12 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[Conversation], *,
 
 def base_answers(prompts_file: Path, prompts: list[Conversation], out_root: Path, max_new_tokens: int,
                  batch_size: int, short_cap: int, model: Any = None, tokenizer: Any = None,
-                 ) -> tuple[list[str], float | None]:
-    """The base model's answers, generated once per prompt file and token limit and cached."""
-    cache = out_root / f"base-{prompts_file.stem}-{max_new_tokens}-cap{short_cap}.jsonl"
+                 system_prompt: str | None = None) -> tuple[list[str], float | None]:
+    """The base model's answers, generated once per prompt file, token limit and system prompt, and cached."""
+    import hashlib
+
+    sys_key = f"-sys{hashlib.sha256(system_prompt.encode()).hexdigest()[:8]}" if system_prompt else ""
+    cache = out_root / f"base-{prompts_file.stem}-{max_new_tokens}-cap{short_cap}{sys_key}.jsonl"
     if cache.is_file():
         rows = [json.loads(x) for x in cache.read_text().splitlines() if x.strip()]
         if [r["prompt"] for r in rows] == [p.messages[-1]["content"] for p in prompts]:
@@ -219,7 +240,7 @@ def base_answers(prompts_file: Path, prompts: list[Conversation], out_root: Path
 
         model, tokenizer, _ = load_causal_lm(load_config(None).model, log=lambda _m: None)
     answers, seconds = generate_answers(model, tokenizer, prompts, tuned=False, max_new_tokens=max_new_tokens,
-                                        batch_size=batch_size, short_cap=short_cap)
+                                        batch_size=batch_size, short_cap=short_cap, system_prompt=system_prompt)
     tmp = cache.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps({"prompt": p.messages[-1]["content"], "answer": a}) + "\n"
                            for p, a in zip(prompts, answers, strict=True)))
@@ -266,11 +287,13 @@ def run_variant(name: str, overrides: dict[str, dict[str, Any]], args: argparse.
         return None
     loaded = load_run(run_dir, log=lambda _m: None)
     # The base is the yardstick: always scored on full-length answers (generated once, cached).
+    # With data.system_prompt, both sides answer under it (as `tinysft eval` does).
+    system = loaded.config.data.system_prompt
     base, _ = base_answers(args.prompts, prompts, out_root, args.max_new_tokens, args.batch_size, 0,
-                           loaded.model, loaded.tokenizer)
+                           loaded.model, loaded.tokenizer, system)
     tuned, eval_s = generate_answers(loaded.model, loaded.tokenizer, prompts, tuned=True,
                                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                     short_cap=args.short_cap)
+                                     short_cap=args.short_cap, system_prompt=system)
     rows = score_rows(prompts, base, tuned)
     (run_dir / "sweep-answers.jsonl").write_text("".join(
         json.dumps({k: r[k] for k in ("category", "prompt", "tuned_answer")} | {"flags": r["tuned"]}) + "\n"

@@ -278,3 +278,36 @@ def test_split_batch_pieces_add_up_to_the_batch(rows, tokenizer, layout) -> None
     assert split_loss == pytest.approx(whole_loss, rel=1e-5)
     for k, g in whole.items():
         torch.testing.assert_close(split[k], g, rtol=1e-4, atol=1e-6)
+
+
+def test_answer_start_weights_mark_the_first_tokens_of_each_answer() -> None:
+    from tinysft.data.batching import answer_start_weights
+
+    x = IGNORE
+    labels = torch.tensor([[x, x, 5, 6, 7, 8, x, x, 9, 9, x], [1, 2, 3, x, x, x, x, x, x, x, x]])
+    w = answer_start_weights(labels, first=2, weight=5.0)
+    assert w.tolist() == [[0, 0, 5, 5, 1, 1, 0, 0, 5, 5, 0], [5, 5, 1, 0, 0, 0, 0, 0, 0, 0, 0]]
+    assert answer_start_weights(labels, first=2, weight=1.0).tolist() == (labels != IGNORE).float().tolist()
+
+
+@pytest.mark.parametrize("head", ["chunked", "logits_to_keep"])
+def test_weighted_loss_equals_weighted_full_logit_loss(rows, tokenizer, head) -> None:
+    """train.answer_start_weight: both head paths weigh each token's loss, and the chunked head's gradient follows."""
+    from tinysft.data.batching import answer_start_weights
+
+    model = _tiny_llama(len(tokenizer))
+    if head == "chunked":
+        model.requires_grad_(False)
+        model.model.embed_tokens.weight.requires_grad_(True)  # something upstream of the head to check
+    for batch in (collate(rows, tokenizer.pad_token_id), pack(rows, tokenizer.pad_token_id)):
+        w = answer_start_weights(batch.labels, 3, 4.0)
+        assert int((w == 4.0).sum()) == 3 * 6  # 6 answers in `rows`, each at least 3 tokens long
+        loss, n = causal_lm_loss(model, batch, w)
+        full = (per_token_loss(model, batch) * w[:, 1:]).sum()
+        assert n == batch.n_trained
+        assert float(loss.detach()) == pytest.approx(float(full.detach()), rel=1e-5)
+        if head == "chunked":
+            emb = model.model.embed_tokens.weight
+            (g_ours,) = torch.autograd.grad(loss, emb)
+            (g_ref,) = torch.autograd.grad(full, emb)
+            torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-6)

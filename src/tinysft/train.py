@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from tinysft.config import RunConfig
-from tinysft.data.batching import IGNORE, Batch, make_batches, split_batch
+from tinysft.data.batching import IGNORE, Batch, answer_start_weights, make_batches, split_batch
 from tinysft.data.formats import Conversation
 from tinysft.data.render import Rendered, RenderError, render
 from tinysft.data.validate import DataError, Problem, load_conversations, weight_categories
@@ -77,8 +77,11 @@ def render_all(convs: list[Conversation], tokenizer: Any, max_length: int, syste
     return out
 
 
-def causal_lm_loss(model: Any, batch: Batch) -> tuple[torch.Tensor, int]:
+def causal_lm_loss(model: Any, batch: Batch, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over trained tokens, and their count.
+
+    ``weights`` (B, T), aligned with ``batch.labels`` (see ``answer_start_weights``), weighs each
+    trained token's loss; the count stays the number of trained tokens.
 
     Only positions whose *next* token is trained go through the LM head: a quarter to a half of
     the tokens are prompt context, and the 49k-wide head is a large share of the FLOPs. Where the
@@ -96,14 +99,19 @@ def causal_lm_loss(model: Any, batch: Batch) -> tuple[torch.Tensor, int]:
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                     logits_to_keep=NO_POSITIONS.to(batch.input_ids.device), output_hidden_states=True, use_cache=False)
         hidden = out.hidden_states[-1][:, :-1]  # (B, T-1, d): position t predicts token t+1
-        return head_cross_entropy(hidden[trained], head.weight, targets[trained]), int(trained.sum())
+        row_weights = None if weights is None else weights[:, 1:][trained]
+        return (head_cross_entropy(hidden[trained], head.weight, targets[trained], row_weights=row_weights),
+                int(trained.sum()))
     keep = trained.any(0).nonzero().squeeze(-1)  # positions t whose target t+1 is trained
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                 logits_to_keep=keep, use_cache=False)
     logits = out.logits.float()  # (B, K, V)
     tgt = targets[:, keep]  # (B, K)
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt.reshape(-1), ignore_index=IGNORE, reduction="sum")
-    return loss, int((tgt != IGNORE).sum())
+    per_token = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt.reshape(-1), ignore_index=IGNORE,
+                                reduction="none")
+    if weights is not None:
+        per_token = per_token * weights[:, 1:][:, keep].reshape(-1)
+    return per_token.sum(), int((tgt != IGNORE).sum())
 
 
 @torch.no_grad()
@@ -403,6 +411,15 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
         n = (len(batches) // world) * world
         return batches[rank:n:world]
 
+    def token_weights(b: Batch) -> torch.Tensor | None:
+        if cfg.train.answer_start_tokens == 0 or cfg.train.answer_start_weight == 1.0:
+            return None
+        return answer_start_weights(b.labels, cfg.train.answer_start_tokens, cfg.train.answer_start_weight)
+
+    def loss_weight(b: Batch) -> float:
+        w = token_weights(b)
+        return float(b.n_trained) if w is None else float(w.sum())
+
     eval_batches = make_batches(eval_rows, bs, pad_id, packing=cfg.train.packing, shuffle=False) if eval_rows else []
     micro_per_epoch = len(epoch_batches(0))
     steps_per_epoch = max(1, math.ceil(micro_per_epoch / cfg.train.grad_accum))
@@ -543,7 +560,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
                 # trained tokens of the whole step on all ranks: each micro-batch's summed loss is
                 # divided by the global token count, times `world` because DDP averages gradients
                 # over ranks. So 2 processes x grad_accum A == 1 process x grad_accum 2A.
-                counts = accelerator.reduce(torch.tensor([float(sum(b.n_trained for b in group))], device=device), "sum")
+                # With train.answer_start_weight the "count" is the total weight of the step's tokens.
+                counts = accelerator.reduce(torch.tensor([float(sum(loss_weight(b) for b in group))], device=device), "sum")
                 n_step_tokens = max(float(counts[0]), 1.0)
                 step_loss = torch.zeros((), device=device)
                 # Each micro-batch runs as pieces of <= pass_tokens tokens (whole conversations): the
@@ -554,7 +572,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
                     sync = j == len(pieces) - 1
                     accelerator.sync_gradients = sync  # DeepSpeed steps its engine only on the last one
                     with (accelerator.no_sync(model) if not sync else contextlib.nullcontext()), autocast():
-                        loss_sum, _n = causal_lm_loss(model, b)
+                        loss_sum, _n = causal_lm_loss(model, b, token_weights(b))
                         loss = loss_sum * (world / n_step_tokens)
                     accelerator.backward(loss)
                     step_loss += loss_sum.detach().float()

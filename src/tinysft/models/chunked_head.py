@@ -42,8 +42,9 @@ def plain_lm_head(model: Any) -> torch.nn.Linear | None:
 
 class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-        # hidden (N, d), weight (V, d), targets (N,) -> summed loss (fp32 scalar).
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                row_weights: torch.Tensor | None) -> torch.Tensor:
+        # hidden (N, d), weight (V, d), targets (N,), row_weights (N,) or None -> summed loss (fp32 scalar).
         # Two (chunk, V) buffers, the matmul's dtype and fp32, are reused by every chunk, and each
         # step works in place. Measured on a CPU: a fresh 256 x 49,152 tensor per chunk costs ~10x
         # more in page faults and cache misses than the arithmetic on a reused 32-row buffer.
@@ -67,10 +68,14 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 top = logits.amax(1, keepdim=True)  # (c, 1): exp never overflows
                 probs = logits.sub_(top).exp_()  # unnormalised softmax, in place
                 z = probs.sum(1, keepdim=True)  # (c, 1)
-                total += (z.log() + top - target_logit).sum()  # logsumexp - target logit
+                row_loss = z.log() + top - target_logit  # (c, 1): logsumexp - target logit
+                rw = None if row_weights is None else row_weights[s : s + c, None].float()
+                total += (row_loss if rw is None else row_loss * rw).sum()
                 if grad is not None:
                     probs.div_(z)
                     probs[torch.arange(c, device=t.device), t] -= 1.0  # d loss / d logits
+                    if rw is not None:
+                        probs.mul_(rw)
                     if not shared:
                         low[:c].copy_(probs)
                     torch.mm(low[:c], w, out=grad[s : s + c])
@@ -78,11 +83,13 @@ class _HeadCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None]:
         (grad,) = ctx.saved_tensors
-        return (None if grad is None else grad * grad_out.to(grad.dtype)), None, None, None
+        return (None if grad is None else grad * grad_out.to(grad.dtype)), None, None, None, None
 
 
-def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = CHUNK) -> torch.Tensor:
-    """Sum over rows of cross-entropy(hidden @ weight.T, targets); hidden (N, d), targets (N,)."""
-    return _HeadCrossEntropy.apply(hidden, weight, targets, chunk)
+def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = CHUNK,
+                       row_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over rows of cross-entropy(hidden @ weight.T, targets), each row times ``row_weights``
+    if given; hidden (N, d), targets (N,), row_weights (N,)."""
+    return _HeadCrossEntropy.apply(hidden, weight, targets, chunk, row_weights)
