@@ -311,3 +311,16 @@ def test_weighted_loss_equals_weighted_full_logit_loss(rows, tokenizer, head) ->
             (g_ours,) = torch.autograd.grad(loss, emb)
             (g_ref,) = torch.autograd.grad(full, emb)
             torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-6)
+
+
+def test_cap_onednn_cache_keeps_a_user_setting(monkeypatch) -> None:
+    from tinysft.allocator import ONEDNN_CACHE, cap_onednn_cache
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    cap_onednn_cache()
+    import os
+
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(ONEDNN_CACHE)
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "7")
+    cap_onednn_cache()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "7"

@@ -17,6 +17,7 @@ import os
 import sys
 
 _LIB = "libtcmalloc_minimal.so.4"
+ONEDNN_CACHE = 64  # oneDNN primitives kept (its default: 1024)
 _SEARCH = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
 
 
@@ -66,3 +67,17 @@ def allocator_in_use() -> str:
             return "tcmalloc" if "tcmalloc" in f.read() else "default"
     except OSError:
         return "default"
+
+
+def cap_onednn_cache(capacity: int = ONEDNN_CACHE) -> None:
+    """Keep at most ``capacity`` oneDNN primitives cached, unless the user set the limit already.
+
+    torch's CPU matmuls go through oneDNN, which caches one compiled primitive (with its
+    buffers) per matmul shape, up to 1,024. Packed training rows have a different length in
+    every pass, so each pass adds ~20 shapes and the cache grows for the whole run: measured on
+    SmolLM2-135M (1 epoch of the benchmark set, bf16, tcmalloc), live memory grew from 1.6 to
+    2.0 GB and peak RSS reached 2,640 MB; with 64 (or 16) cached primitives peak RSS is 2,250 MB
+    at the same speed (creating a primitive costs far less than the matmul it runs). oneDNN
+    reads the variable when it first creates a primitive, so call this before any CPU matmul.
+    """
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))

@@ -453,8 +453,9 @@ def serve(
 
 
 def main() -> None:
-    from tinysft.allocator import reexec_with_tcmalloc
+    from tinysft.allocator import cap_onednn_cache, reexec_with_tcmalloc
 
+    cap_onednn_cache()  # in the environment before the re-exec, so every command has it
     reexec_with_tcmalloc()
     app()
 

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tinysft.allocator import cap_onednn_cache
 from tinysft.config import RunConfig
 from tinysft.data.batching import IGNORE, Batch, answer_start_weights, make_batches, split_batch
 from tinysft.data.formats import Conversation
@@ -308,11 +309,13 @@ def make_accelerator(cfg: RunConfig, *, cpu: bool = False) -> Any:
     another ``mixed_precision`` ("AcceleratorState has already been initialized"). Within one
     process (a notebook, a sweep, the tests) runs may differ in precision, so the single-process
     state is reset when it disagrees; a launched multi-process run is never touched (its state
-    comes from ``accelerate launch`` and holds the process group).
+    comes from ``accelerate launch`` and holds the process group). The oneDNN primitive cache is
+    capped here too, before training's first matmul (``allocator.cap_onednn_cache``).
     """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    cap_onednn_cache()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     mp = mixed_precision_for(cfg, device)
     state = AcceleratorState._shared_state
