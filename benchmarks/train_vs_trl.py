@@ -56,12 +56,20 @@ TRL_CONFIGS = {
 # Any TRL configuration may also run on tcmalloc ("bf16-packed+tcmalloc"), the allocator tinysft's
 # command picks by itself (tinysft/allocator.py): that isolates what the allocator is worth from
 # what tinysft's own code is worth. The tinysft worker runs as the `tinysft` command does.
+# Likewise "+onednn64" caps oneDNN's primitive cache at 64 as tinysft's training does
+# (tinysft/allocator.py: cap_onednn_cache), e.g. "bf16-packed+tcmalloc+onednn64".
 TCMALLOC = "+tcmalloc"
+ONEDNN64 = "+onednn64"
 
 
 def on_tcmalloc(side: str) -> bool:
-    """Whether a worker side ("tinysft", "trl:NAME" or "trl:NAME+tcmalloc") runs on tcmalloc."""
-    return side == "tinysft" or side.endswith(TCMALLOC)
+    """Whether a worker side ("tinysft", "trl:NAME" or "trl:NAME+tcmalloc...") runs on tcmalloc."""
+    return side == "tinysft" or TCMALLOC in side
+
+
+def trl_base(name: str) -> str:
+    """The TRL configuration without its environment suffixes: "bf16-packed+tcmalloc" -> "bf16-packed"."""
+    return name.split("+", 1)[0]
 
 
 # ---- shared --------------------------------------------------------------------------------------
@@ -144,7 +152,7 @@ def run_trl(spec: dict[str, Any], out: Path, name: str) -> dict[str, Any]:
 
     from tinysft.models.load import load_tokenizer, resolve_model_path
 
-    conf = TRL_CONFIGS[name.removesuffix(TCMALLOC)]
+    conf = TRL_CONFIGS[trl_base(name)]
     path = resolve_model_path(spec["model"], log=lambda m: None)
     tokenizer = load_tokenizer(path)
     rows = load_rows(spec, tokenizer, spec["train"])
@@ -241,6 +249,10 @@ def run_side(side: str, spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
     else:  # glibc malloc, even if this driver was started with tcmalloc preloaded
         env = dict(os.environ)
         env["LD_PRELOAD"] = ":".join(p for p in env.get("LD_PRELOAD", "").split(":") if "tcmalloc" not in p)
+    if side.startswith("trl:"):  # tinysft sets its own cap; TRL gets it only where asked for
+        env.pop("ONEDNN_PRIMITIVE_CACHE_CAPACITY", None)
+        if ONEDNN64 in side:
+            env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = "64"
     proc = subprocess.run([sys.executable, __file__, "--worker", side, str(spec_path), str(result_path)],
                           capture_output=True, text=True, env=env)
     if proc.returncode != 0 or not result_path.is_file():
@@ -280,7 +292,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=1, help="alternating rounds; medians are reported")
-    ap.add_argument("--trl-configs", default="bf16-packed,bf16-packed+tcmalloc",
+    ap.add_argument("--trl-configs", default="bf16-packed,bf16-packed+tcmalloc,bf16-packed+tcmalloc+onednn64",
                     help=f"comma-separated TRL configurations to run, the fastest is compared: {', '.join(TRL_CONFIGS)}")
     ap.add_argument("--tinysft-set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra tinysft overrides, e.g. train.packing=false")
@@ -289,7 +301,7 @@ def main() -> None:
     args = ap.parse_args()
     trl_names = [n.strip() for n in args.trl_configs.split(",") if n.strip()]
     for n in trl_names:
-        if n.removesuffix(TCMALLOC) not in TRL_CONFIGS:
+        if trl_base(n) not in TRL_CONFIGS or set(n.split("+")[1:]) - {TCMALLOC[1:], ONEDNN64[1:]}:
             ap.error(f"--trl-configs: unknown '{n}'; choose from {', '.join(TRL_CONFIGS)}")
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
