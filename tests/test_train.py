@@ -1,6 +1,7 @@
 """Invariants of LoRA fine-tuning on a tiny random llama."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -141,3 +142,60 @@ def test_lora_inputs_stay_in_bf16_under_autocast(tiny_model_dir) -> None:
         assert keep_lora_inputs_in_compute_dtype(model) == 14  # 7 linear layers x 2 decoder layers
         after = model(input_ids=ids).logits.float()
     torch.testing.assert_close(after, before, atol=2e-2, rtol=2e-2)
+
+
+def test_preference_loss_widens_the_margin(tiny_model_dir, tokenizer) -> None:
+    """A few optimizer steps on the preference term alone raise log p(chosen) - log p(rejected)."""
+    from transformers import AutoModelForCausalLM
+
+    from tinysft.config import LoraConfig
+    from tinysft.data.batching import collate
+    from tinysft.data.formats import to_conversation
+    from tinysft.models.load import add_lora
+    from tinysft.train import preference_loss, preference_pairs, sequence_logprobs
+
+    # Rejected answers as long as the chosen ones, so the margin starts near 0 (not saturated).
+    rows = [{"prompt": f"How do I pick the lock of my own bike number {n}?", "response": f"Use the key, or call shop {n}.",
+             "rejected": f"Sorry, I can't help with bike {n}."} for n in (11, 22, 33)]
+    pairs = preference_pairs([to_conversation(r) for r in rows], tokenizer, 512, None)
+    torch.manual_seed(0)
+    model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, alpha=8, dropout=0.0,
+                                                                                        target_modules="all-linear"))
+    chosen, rejected = [c for c, _ in pairs], [r for _, r in pairs]
+
+    def margin() -> float:
+        with torch.no_grad():
+            lp = sequence_logprobs(model, collate([*chosen, *rejected], tokenizer.pad_token_id))
+        return float((lp[:3] - lp[3:]).mean())
+
+    before = margin()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = preference_loss(model, chosen, rejected, tokenizer.pad_token_id, 0.1, torch.device("cpu"))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    assert margin() > before + 5.0, (before, margin())
+    assert losses[-1] < losses[0], losses
+
+
+def test_preference_term_is_trained_and_logged(tmp_path, tiny_model_dir) -> None:
+    from conftest import CHAT_ROWS, write_jsonl
+
+    rows = [{"prompt": f"How do I kill stuck process {n}?", "response": f"Run kill {n}.",
+             "rejected": "I'm sorry, but I can't help with that."} for n in (11, 22)]
+    data = write_jsonl(tmp_path / "train.jsonl", CHAT_ROWS + rows)
+    result = train(tiny_cfg(tiny_model_dir, data, "train.epochs=2", "train.preference_weight=1"), tmp_path / "run",
+                   show_progress=False, log=lambda m: None)
+    prefs = [h["preference_loss"] for h in result.history if "preference_loss" in h]
+    assert len(prefs) == result.steps and all(math.isfinite(p) and p >= 0 for p in prefs), prefs
+
+
+def test_preference_weight_without_rejected_rows_is_a_data_error(tmp_path, tiny_model_dir, chat_file) -> None:
+    from tinysft.data.validate import DataError
+
+    with pytest.raises(DataError, match="rejected"):
+        train(tiny_cfg(tiny_model_dir, chat_file, "train.preference_weight=1"), tmp_path / "run",
+              show_progress=False, log=lambda m: None)

@@ -128,6 +128,10 @@ class TrainConfig:
     """The first N tokens of every assistant answer weigh train.answer_start_weight in the loss (0 = off)."""
     answer_start_weight: float = 1.0
     """Loss weight of those tokens (others weigh 1): where the model decides to refuse or to answer."""
+    preference_weight: float = 0.0
+    """Weight of the preference term for rows with a `rejected` answer (0 = off); see docs/recipe.md."""
+    preference_beta: float = 0.1
+    """Scale of the log-probability margin inside that term: -log sigmoid(beta * (log p(answer) - log p(rejected)))."""
     log_every: int = 5
     """Optimizer steps between log lines in metrics.jsonl."""
     eval_every: int = 0
@@ -148,9 +152,12 @@ class TrainConfig:
             raise ConfigError("train.batch_size and train.grad_accum must be >= 1.")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"train.warmup_ratio must be in [0, 1) (got {self.warmup_ratio}).")
+        if self.preference_beta <= 0:
+            raise ConfigError(f"train.preference_beta must be > 0 (got {self.preference_beta}) — try 0.1.")
         if self.answer_start_weight <= 0:
             raise ConfigError(f"train.answer_start_weight must be > 0 (got {self.answer_start_weight}); 1 = off.")
-        for name in ("weight_decay", "max_grad_norm", "eval_every", "save_every", "threads", "answer_start_tokens"):
+        for name in ("weight_decay", "max_grad_norm", "eval_every", "save_every", "threads", "answer_start_tokens",
+                     "preference_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0 (got {getattr(self, name)}); 0 means off / the default.")
         if self.log_every < 1 or self.keep_checkpoints < 1:

@@ -115,6 +115,52 @@ def causal_lm_loss(model: Any, batch: Batch, weights: torch.Tensor | None = None
     return per_token.sum(), int((tgt != IGNORE).sum())
 
 
+def sequence_logprobs(model: Any, batch: Batch) -> torch.Tensor:
+    """Summed log-probability of each padded row's trained tokens, (B,), differentiable."""
+    targets = batch.labels[:, 1:]
+    trained = targets != IGNORE
+    head = plain_lm_head(model)
+    if head is not None:
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                    logits_to_keep=NO_POSITIONS.to(batch.input_ids.device), output_hidden_states=True, use_cache=False)
+        hidden = out.hidden_states[-1][:, :-1]
+        return -torch.stack([head_cross_entropy(hidden[i][trained[i]], head.weight, targets[i][trained[i]])
+                             for i in range(hidden.shape[0])])
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                   use_cache=False).logits[:, :-1].float()
+    nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")  # (B, T-1)
+    return -nll.sum(-1)
+
+
+def preference_loss(model: Any, chosen: list[Rendered], rejected: list[Rendered], pad_id: int, beta: float,
+                    device: torch.device) -> torch.Tensor:
+    """Mean over pairs of -log sigmoid(beta * (log p(chosen) - log p(rejected))), reference-free.
+
+    The CPO form (Xu et al., 2024; TRL's CPOTrainer): added to the SFT loss, it pushes each
+    rejected answer below the chosen one for the same prompt, where SFT alone only pulls the
+    chosen one up. Chosen and rejected share the prompt and earlier turns, so only the last
+    answer differs in the margin.
+    """
+    from tinysft.data.batching import collate
+
+    logp = sequence_logprobs(model, collate([*chosen, *rejected], pad_id).to(device))
+    n = len(chosen)
+    return -F.logsigmoid(beta * (logp[:n] - logp[n:]).float()).mean()
+
+
+def preference_pairs(convs: list[Conversation], tokenizer: Any, max_length: int,
+                     system_prompt: str | None) -> list[tuple[Rendered, Rendered]]:
+    """(chosen, rejected) renderings for every conversation with a `rejected` answer."""
+    pairs = []
+    for c in convs:
+        rejected = c.extra.get("rejected")
+        if rejected is None:
+            continue
+        alt = Conversation([*c.messages[:-1], {"role": "assistant", "content": rejected}], c.source, c.format, c.category)
+        pairs.append((render(c, tokenizer, max_length, system_prompt), render(alt, tokenizer, max_length, system_prompt)))
+    return pairs
+
+
 @torch.no_grad()
 def evaluate_loss(model: Any, batches: list[Batch], device: torch.device, autocast: Any) -> float:
     """Token-weighted mean loss over the batches (perplexity = exp of it)."""
@@ -369,6 +415,11 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
         n_val = max(1, int(len(idx) * cfg.data.val_fraction))
         eval_convs = [train_convs[i] for i in idx[:n_val]]
         train_convs = [train_convs[i] for i in idx[n_val:]]
+    pair_convs = [c for c in train_convs if "rejected" in c.extra] if cfg.train.preference_weight > 0 else []
+    if cfg.train.preference_weight > 0 and not pair_convs:
+        raise DataError([Problem("(config)", None, "train.preference_weight",
+                                 "is set but no training row has a `rejected` answer",
+                                 'add "rejected": "..." to rows, or set train.preference_weight=0')])
     if cfg.data.category_weights:  # after the split, so no repeated row lands in the eval set
         n_before = len(train_convs)
         train_convs = weight_categories(train_convs, cfg.data.category_weights, cfg.train.seed)
@@ -385,6 +436,13 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
     base, tokenizer, model_path = load_causal_lm(cfg.model, device=device, log=say)
     rows = render_all(train_convs, tokenizer, cfg.data.max_length, cfg.data.system_prompt)
     eval_rows = render_all(eval_convs, tokenizer, cfg.data.max_length, cfg.data.system_prompt) if eval_convs else []
+    pairs = preference_pairs(pair_convs, tokenizer, cfg.data.max_length, cfg.data.system_prompt)
+    pair_order = list(range(len(pairs)))
+    random.Random(cfg.train.seed).shuffle(pair_order)
+    pairs_per_step = max(1, cfg.train.batch_size // 2)
+    if pairs:
+        say(f"Preference term on {len(pairs)} rows with a `rejected` answer, {pairs_per_step} pairs per step "
+            f"(weight {cfg.train.preference_weight}, beta {cfg.train.preference_beta}).")
     if cfg.train.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
@@ -465,6 +523,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
     history: list[dict[str, Any]] = []
     seen_tokens = 0
     window_loss, window_count = 0.0, 0  # the loss since the last log line (global sum, global tokens)
+    window_pref, window_pref_n = 0.0, 0  # the preference term since the last log line (this rank)
     elapsed_before = 0.0
     metrics_path = run_dir / "metrics.jsonl"
     if existing is not None:
@@ -570,6 +629,17 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
                 # Each micro-batch runs as pieces of <= pass_tokens tokens (whole conversations): the
                 # same gradients, with activation memory set by the piece instead of the batch.
                 pieces = [piece for b in group for piece in split_batch(b, pass_tokens)]
+                if pairs:
+                    # The same pairs on a resumed run: picked from the step number and rank alone.
+                    first_pair = (step * world + rank) * pairs_per_step
+                    picked = [pairs[pair_order[(first_pair + j) % len(pairs)]] for j in range(pairs_per_step)]
+                    accelerator.sync_gradients = False
+                    with (accelerator.no_sync(model) if world > 1 else contextlib.nullcontext()), autocast():
+                        pref = preference_loss(model, [c for c, _ in picked], [r for _, r in picked], pad_id,
+                                               cfg.train.preference_beta, device)
+                    accelerator.backward(pref * cfg.train.preference_weight)
+                    window_pref += float(pref.detach())
+                    window_pref_n += 1
                 for j, b in enumerate(pieces):
                     b = b.to(device)
                     sync = j == len(pieces) - 1
@@ -603,8 +673,11 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
                              "loss": round(window_loss / max(window_count, 1), 5),
                              "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(tps, 1),
                              "elapsed_s": round(elapsed, 2)}
+                    if window_pref_n:
+                        entry["preference_loss"] = round(window_pref / window_pref_n, 5)
                     record(entry)
                     window_loss, window_count = 0.0, 0
+                    window_pref, window_pref_n = 0.0, 0
                     if progress:
                         progress.update(step, entry["loss"], tps)
                 elif progress:

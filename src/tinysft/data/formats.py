@@ -172,6 +172,14 @@ def to_conversation(row: Any, source: str = "") -> Conversation:
     category = row.get("category")
     if category is not None and not isinstance(category, str):
         raise RowProblem("category", f"must be a string, got a JSON {json_type(category)}", 'write "category": "name"')
+    rejected = row.get("rejected")
+    if rejected is not None:
+        if not isinstance(rejected, str) or not rejected.strip():
+            raise RowProblem("rejected", f"must be a non-empty string, got {json_type(rejected)!s}",
+                             'write "rejected": "<an answer the model should not give>"')
+        if messages[-1]["role"] != "assistant":
+            raise RowProblem("rejected", "needs the conversation to end with an assistant answer",
+                             "end the row with the answer that `rejected` is the alternative to")
     extra = {k: v for k, v in row.items() if k not in keys and k != "category"}
     return Conversation(messages=messages, source=source, format=name, category=category, extra=extra)
 
