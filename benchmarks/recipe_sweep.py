@@ -125,6 +125,18 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
                        "lora": {"target_modules": ALL_LINEAR}, "data": {"category_weights": MIX_C}},
     "mix-c2-policy": {"train": {"epochs": 1, "learning_rate": 1e-3}, "lora": {"target_modules": ALL_LINEAR},
                       "data": {"category_weights": MIX_C2, "system_prompt": POLICY}},
+    # Preference term (train.preference_weight): each look-alike in train.jsonl carries a refusal as
+    # its `rejected` answer, pushed below the real answer (CPO form, no reference model). The two
+    # "pref1" rows were measured before the refusal rows got their own `rejected` (a compliant
+    # opener); re-running them now trains on both sides, as "mix-c2-pref2" does.
+    "mix-c2-pref1": {"train": {"epochs": 1, "learning_rate": 1e-3, "preference_weight": 1.0},
+                     "lora": {"target_modules": ALL_LINEAR}, "data": {"category_weights": MIX_C2}},
+    "mix-c2-pref1-b05": {"train": {"epochs": 1, "learning_rate": 1e-3, "preference_weight": 1.0,
+                                   "preference_beta": 0.5},
+                         "lora": {"target_modules": ALL_LINEAR}, "data": {"category_weights": MIX_C2}},
+    # Both sides (after the look-alikes, each refusal row got a compliant opener as `rejected`).
+    "mix-c2-pref2": {"train": {"epochs": 1, "learning_rate": 1e-3, "preference_weight": 1.0},
+                     "lora": {"target_modules": ALL_LINEAR}, "data": {"category_weights": MIX_C2}},
     "c-mix-c-start3x5": {"train": {"epochs": 1, "learning_rate": 1e-3, **START_3X5},
                          "lora": {"target_modules": ALL_LINEAR},
                          "data": {"train": WITH_CONTRAST, "category_weights": MIX_C}},
