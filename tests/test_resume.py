@@ -95,9 +95,9 @@ SLOW_TRAIN = """
 import sys, time
 import tinysft.train as t
 loss = t.causal_lm_loss
-def slow(model, batch):  # make each step long enough to be killed between two checkpoints
+def slow(model, batch, weights=None):  # make each step long enough to be killed between two checkpoints
     time.sleep(0.25)
-    return loss(model, batch)
+    return loss(model, batch, weights)
 t.causal_lm_loss = slow
 from tinysft.cli import app
 app(sys.argv[1:], prog_name="tinysft")
@@ -199,9 +199,9 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, 
     real = train_module.causal_lm_loss
     calls = {"n": 0}
 
-    def nan_from_step_5(model, batch):
+    def nan_from_step_5(model, batch, weights=None):
         calls["n"] += 1
-        loss, n = real(model, batch)
+        loss, n = real(model, batch, weights)
         return (loss * float("nan"), n) if calls["n"] > 8 else (loss, n)  # 2 micro-batches per step
 
     monkeypatch.setattr(train_module, "causal_lm_loss", nan_from_step_5)
