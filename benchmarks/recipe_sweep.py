@@ -140,6 +140,8 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "mix-c2-pref2-b05": {"train": {"epochs": 1, "learning_rate": 1e-3, "preference_weight": 1.0,
                                    "preference_beta": 0.5},
                          "lora": {"target_modules": ALL_LINEAR}, "data": {"category_weights": MIX_C2}},
+    "mix-c-pref2": {"train": {"epochs": 1, "learning_rate": 1e-3, "preference_weight": 1.0},
+                    "lora": {"target_modules": ALL_LINEAR}, "data": {"category_weights": MIX_C}},
     "c-mix-c-start3x5": {"train": {"epochs": 1, "learning_rate": 1e-3, **START_3X5},
                          "lora": {"target_modules": ALL_LINEAR},
                          "data": {"train": WITH_CONTRAST, "category_weights": MIX_C}},
