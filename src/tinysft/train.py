@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from tinysft.allocator import cap_onednn_cache
 from tinysft.config import RunConfig
-from tinysft.data.batching import IGNORE, Batch, answer_start_weights, make_batches, split_batch
+from tinysft.data.batching import IGNORE, Batch, answer_start_weights, collate, make_batches, split_batch
 from tinysft.data.formats import Conversation
 from tinysft.data.render import Rendered, RenderError, render
 from tinysft.data.validate import DataError, Problem, load_conversations, weight_categories
@@ -141,8 +141,6 @@ def preference_loss(model: Any, chosen: list[Rendered], rejected: list[Rendered]
     chosen one up. Chosen and rejected share the prompt and earlier turns, so only the last
     answer differs in the margin.
     """
-    from tinysft.data.batching import collate
-
     logp = sequence_logprobs(model, collate([*chosen, *rejected], pad_id).to(device))
     n = len(chosen)
     return -F.logsigmoid(beta * (logp[:n] - logp[n:]).float()).mean()
@@ -150,15 +148,12 @@ def preference_loss(model: Any, chosen: list[Rendered], rejected: list[Rendered]
 
 def preference_pairs(convs: list[Conversation], tokenizer: Any, max_length: int,
                      system_prompt: str | None) -> list[tuple[Rendered, Rendered]]:
-    """(chosen, rejected) renderings for every conversation with a `rejected` answer."""
-    pairs = []
-    for c in convs:
-        rejected = c.extra.get("rejected")
-        if rejected is None:
-            continue
-        alt = Conversation([*c.messages[:-1], {"role": "assistant", "content": rejected}], c.source, c.format, c.category)
-        pairs.append((render(c, tokenizer, max_length, system_prompt), render(alt, tokenizer, max_length, system_prompt)))
-    return pairs
+    """(chosen, rejected) renderings for every conversation with a `rejected` answer; failures are one DataError."""
+    with_rejected = [c for c in convs if c.extra.get("rejected") is not None]
+    alts = [Conversation([*c.messages[:-1], {"role": "assistant", "content": c.extra["rejected"]}], c.source, c.format,
+                         c.category) for c in with_rejected]
+    return list(zip(render_all(with_rejected, tokenizer, max_length, system_prompt),
+                    render_all(alts, tokenizer, max_length, system_prompt), strict=True))
 
 
 @torch.no_grad()
