@@ -242,7 +242,7 @@ def run_side(side: str, spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
     spec_path.write_text(json.dumps(spec))
     result_path.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    from tinysft.allocator import preload_env
+    from tinysft.allocator import ONEDNN_CACHE, preload_env
 
     if on_tcmalloc(side):
         env = preload_env()
@@ -252,7 +252,7 @@ def run_side(side: str, spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
     if side.startswith("trl:"):  # tinysft sets its own cap; TRL gets it only where asked for
         env.pop("ONEDNN_PRIMITIVE_CACHE_CAPACITY", None)
         if ONEDNN64 in side:
-            env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = "64"
+            env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(ONEDNN_CACHE)
     proc = subprocess.run([sys.executable, __file__, "--worker", side, str(spec_path), str(result_path)],
                           capture_output=True, text=True, env=env)
     if proc.returncode != 0 or not result_path.is_file():

@@ -629,7 +629,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
                     first_pair = (step * world + rank) * pairs_per_step
                     picked = [pairs[pair_order[(first_pair + j) % len(pairs)]] for j in range(pairs_per_step)]
                     accelerator.sync_gradients = False
-                    with (accelerator.no_sync(model) if world > 1 else contextlib.nullcontext()), autocast():
+                    with accelerator.no_sync(model), autocast():  # the SFT pass below syncs the step
                         pref = preference_loss(model, [c for c, _ in picked], [r for _, r in picked], pad_id,
                                                cfg.train.preference_beta, device)
                     accelerator.backward(pref * cfg.train.preference_weight)
