@@ -142,6 +142,12 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
                          "lora": {"target_modules": ALL_LINEAR}, "data": {"category_weights": MIX_C2}},
     "mix-c-pref2": {"train": {"epochs": 1, "learning_rate": 1e-3, "preference_weight": 1.0},
                     "lora": {"target_modules": ALL_LINEAR}, "data": {"category_weights": MIX_C}},
+    # Batches in shuffled order, not grouped by length (train.group_by_length=false): length-sorted
+    # batches gather one kind of row each (short refusals, mid-length look-alikes, long explanations).
+    "mix-c2-mixed": {"train": {"epochs": 1, "learning_rate": 1e-3, "group_by_length": False},
+                     "lora": {"target_modules": ALL_LINEAR}, "data": {"category_weights": MIX_C2}},
+    "mix-c-mixed": {"train": {"epochs": 1, "learning_rate": 1e-3, "group_by_length": False},
+                    "lora": {"target_modules": ALL_LINEAR}, "data": {"category_weights": MIX_C}},
     "c-mix-c-start3x5": {"train": {"epochs": 1, "learning_rate": 1e-3, **START_3X5},
                          "lora": {"target_modules": ALL_LINEAR},
                          "data": {"train": WITH_CONTRAST, "category_weights": MIX_C}},

@@ -9,6 +9,7 @@ unpacked run's loss curve.
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -324,3 +325,26 @@ def test_cap_onednn_cache_keeps_a_user_setting(monkeypatch) -> None:
     monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "7")
     cap_onednn_cache()
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "7"
+
+
+def test_batches_mix_lengths_without_length_grouping(tokenizer) -> None:
+    # 16 short and 16 long conversations: grouped by length, a batch holds one kind; ungrouped,
+    # batches are runs of the shuffled order, each conversation once.
+    rows = [render([{"role": "user", "content": "q" * (1 if i % 2 else 40)}, {"role": "assistant", "content": "a"}],
+                   tokenizer) for i in range(32)]
+    long_len = max(len(r.input_ids) for r in rows)
+
+    def kinds(batches):  # per batch: the set of kinds (long or not) it holds
+        return [{int(n) == long_len for n in b.attention_mask.sum(1)} for b in batches]
+
+    grouped = make_batches(rows, 4, tokenizer.pad_token_id, seed=5)
+    assert all(len(k) == 1 for k in kinds(grouped))
+    mixed = make_batches(rows, 4, tokenizer.pad_token_id, seed=5, group_by_length=False)
+    assert any(len(k) == 2 for k in kinds(mixed))
+    order = list(range(32))
+    rng = random.Random(5)
+    rng.shuffle(order)
+    chunks = [order[s : s + 4] for s in range(0, 32, 4)]
+    rng.shuffle(chunks)
+    for batch, idx in zip(mixed, chunks, strict=True):
+        assert batch.attention_mask.sum(1).tolist() == [len(rows[i].input_ids) for i in idx]

@@ -122,6 +122,10 @@ class TrainConfig:
     """auto = bf16 autocast on CUDA with bf16 and on CPUs with AMX/AVX512-BF16, else fp32."""
     packing: bool = True
     """Pack several conversations per row (attention stays within each conversation)."""
+    group_by_length: bool = True
+    """Put similar-length conversations in a batch (less padding). Off: batches mix lengths and so
+    kinds of rows; with packing there is no padding to save, and mixed batches train behaviour
+    recipes better (docs/recipe.md)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, more time."""
     answer_start_tokens: int = 0

@@ -460,7 +460,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
     bs = cfg.train.batch_size
 
     def epoch_batches(epoch: int) -> list[Batch]:
-        batches = make_batches(rows, bs, pad_id, packing=cfg.train.packing, seed=cfg.train.seed + epoch)
+        batches = make_batches(rows, bs, pad_id, packing=cfg.train.packing, seed=cfg.train.seed + epoch,
+                               group_by_length=cfg.train.group_by_length)
         if len(batches) < world:
             raise TrainError(f"only {len(batches)} micro-batch(es) per epoch for {world} processes: lower "
                              "train.batch_size, add data, or use fewer processes.")

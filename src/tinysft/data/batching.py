@@ -71,8 +71,12 @@ def pack(rows: list[Rendered], pad_id: int) -> Batch:
 
 
 def make_batches(rows: list[Rendered], batch_size: int, pad_id: int, *, packing: bool = False, seed: int = 0,
-                 shuffle: bool = True) -> list[Batch]:
+                 shuffle: bool = True, group_by_length: bool = True) -> list[Batch]:
     """``batch_size`` conversations per batch, of similar length, in a shuffled order of batches.
+
+    ``group_by_length=False`` keeps the shuffled order as it is: batches of mixed lengths (more
+    padding unless packed), so a batch does not gather one kind of row (short refusals, long
+    explanations) the way length-sorted batches do.
 
     Packing changes how a batch is laid out, not what is in it: the same conversations, in the
     same batches, as one padding-free row instead of ``batch_size`` padded rows. So a packed run
@@ -85,10 +89,12 @@ def make_batches(rows: list[Rendered], batch_size: int, pad_id: int, *, packing:
         rng.shuffle(order)
     # Sort within chunks of 8 batches by length, so batches are similar-length (little padding)
     # but still random.
-    chunk = batch_size * 8
+    chunk = batch_size * 8 if group_by_length else batch_size
     grouped: list[list[int]] = []
     for s in range(0, len(order), chunk):
-        part = sorted(order[s : s + chunk], key=lambda i: len(rows[i].input_ids))
+        part = order[s : s + chunk]
+        if group_by_length:
+            part = sorted(part, key=lambda i: len(rows[i].input_ids))
         grouped.extend(part[j : j + batch_size] for j in range(0, len(part), batch_size))
     if shuffle:
         rng.shuffle(grouped)
