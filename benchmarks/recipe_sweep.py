@@ -49,6 +49,10 @@ RECIPE: dict[str, dict[str, Any]] = {
 }
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 WITH_CONTRAST = ["train.jsonl", "seed.jsonl", "contrast.jsonl"]
+# more.jsonl: 318 harmless look-alike / explain / length prompts answered by the base model, 150
+# hand-written refusals (make_more.py).
+WITH_MORE = ["train.jsonl", "seed.jsonl", "more.jsonl"]
+QUARTER_CHAT = {"task": 0.25, "multiturn": 0.25, "instruction": 0.25, "conversational": 0.25}
 # Category weights shared by several variants (each variant's full overrides are recorded with its results).
 MIX_C = {"refusal": 2, "lookalike": 3, "task": 0.25, "multiturn": 0.25, "instruction": 0.25, "conversational": 0.25}
 MIX_E = {"refusal": 2, "lookalike": 3, "length_long": 2, "task": 0.5, "multiturn": 0.5, "instruction": 0.5,
@@ -148,6 +152,14 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
                      "lora": {"target_modules": ALL_LINEAR}, "data": {"category_weights": MIX_C2}},
     "mix-c-mixed": {"train": {"epochs": 1, "learning_rate": 1e-3, "group_by_length": False},
                     "lora": {"target_modules": ALL_LINEAR}, "data": {"category_weights": MIX_C}},
+    "mix-c2-mixed-pref": {"train": {"epochs": 1, "learning_rate": 1e-3, "group_by_length": False,
+                                    "preference_weight": 1.0},
+                          "lora": {"target_modules": ALL_LINEAR}, "data": {"category_weights": MIX_C2}},
+    # With more.jsonl, shuffled batches.
+    "more-mixed": {"train": {"epochs": 1, "learning_rate": 1e-3, "group_by_length": False},
+                   "lora": {"target_modules": ALL_LINEAR}, "data": {"train": WITH_MORE, "category_weights": QUARTER_CHAT}},
+    "more-mixed-pref": {"train": {"epochs": 1, "learning_rate": 1e-3, "group_by_length": False, "preference_weight": 1.0},
+                        "lora": {"target_modules": ALL_LINEAR}, "data": {"train": WITH_MORE, "category_weights": QUARTER_CHAT}},
     "c-mix-c-start3x5": {"train": {"epochs": 1, "learning_rate": 1e-3, **START_3X5},
                          "lora": {"target_modules": ALL_LINEAR},
                          "data": {"train": WITH_CONTRAST, "category_weights": MIX_C}},

@@ -348,3 +348,22 @@ def test_batches_mix_lengths_without_length_grouping(tokenizer) -> None:
     rng.shuffle(chunks)
     for batch, idx in zip(mixed, chunks, strict=True):
         assert batch.attention_mask.sum(1).tolist() == [len(rows[i].input_ids) for i in idx]
+
+
+@pytest.mark.parametrize("chunked_head", [True, False])
+def test_packed_sequence_logprobs_equal_padded(rows, tokenizer, chunked_head, monkeypatch) -> None:
+    """The preference term's per-conversation log-probabilities are the same from one packed row."""
+    import tinysft.train as train_mod
+
+    model = _tiny_llama(len(tokenizer))
+    assert use_packed_attention(model)
+    if not chunked_head:
+        monkeypatch.setattr(train_mod, "plain_lm_head", lambda _m: None)
+    with torch.no_grad():
+        padded = train_mod.sequence_logprobs(model, collate(rows, tokenizer.pad_token_id))
+        packed = train_mod.sequence_logprobs(model, pack(rows, tokenizer.pad_token_id))
+        alone = [float(train_mod.sequence_logprobs(model, collate([r], tokenizer.pad_token_id))[0]) for r in rows]
+    assert packed.shape == padded.shape == (len(rows),)
+    assert packed.tolist() == pytest.approx(alone, rel=1e-5, abs=1e-4)
+    assert padded.tolist() == pytest.approx(alone, rel=1e-5, abs=1e-4)
+    assert len(set(round(x, 3) for x in alone)) > 1  # distinct conversations, so a mix-up would show

@@ -122,10 +122,11 @@ class TrainConfig:
     """auto = bf16 autocast on CUDA with bf16 and on CPUs with AMX/AVX512-BF16, else fp32."""
     packing: bool = True
     """Pack several conversations per row (attention stays within each conversation)."""
-    group_by_length: bool = True
-    """Put similar-length conversations in a batch (less padding). Off: batches mix lengths and so
-    kinds of rows; with packing there is no padding to save, and mixed batches train behaviour
-    recipes better (docs/recipe.md)."""
+    group_by_length: bool | None = None
+    """Put similar-length conversations in a batch, to save padding. None (default) = only without
+    packing, which has no padding to save. Sorted batches gather one kind of row each (short
+    refusals, long explanations); shuffled ones mix them, which measured better for behaviour
+    (docs/recipe.md)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, more time."""
     answer_start_tokens: int = 0

@@ -30,7 +30,15 @@ import torch.nn.functional as F
 
 from tinysft.allocator import cap_onednn_cache
 from tinysft.config import RunConfig
-from tinysft.data.batching import IGNORE, Batch, answer_start_weights, collate, make_batches, split_batch
+from tinysft.data.batching import (
+    IGNORE,
+    Batch,
+    answer_start_weights,
+    collate,
+    make_batches,
+    pack,
+    split_batch,
+)
 from tinysft.data.formats import Conversation
 from tinysft.data.render import Rendered, RenderError, render
 from tinysft.data.validate import DataError, Problem, load_conversations, weight_categories
@@ -116,32 +124,42 @@ def causal_lm_loss(model: Any, batch: Batch, weights: torch.Tensor | None = None
 
 
 def sequence_logprobs(model: Any, batch: Batch) -> torch.Tensor:
-    """Summed log-probability of each padded row's trained tokens, (B,), differentiable."""
+    """Summed log-probability of each conversation's trained tokens, differentiable: (B,) for a
+    padded batch, one per packed conversation (in order) for a packed (1, T) row."""
     targets = batch.labels[:, 1:]
     trained = targets != IGNORE
+    if batch.attention_mask is None:  # packed: conversation k spans the k-th run of positions from 0
+        seq = (batch.position_ids[:, 1:] == 0).cumsum(-1)  # owner of each target token: 0 = the first
+        n_seq = int((batch.position_ids == 0).sum())
+    else:
+        seq = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)
+        n_seq = targets.shape[0]
     head = plain_lm_head(model)
     if head is not None:
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                     logits_to_keep=NO_POSITIONS.to(batch.input_ids.device), output_hidden_states=True, use_cache=False)
-        hidden = out.hidden_states[-1][:, :-1]
-        return -torch.stack([head_cross_entropy(hidden[i][trained[i]], head.weight, targets[i][trained[i]])
-                             for i in range(hidden.shape[0])])
+        hidden = out.hidden_states[-1][:, :-1][trained]  # (N, d), trained target positions in order
+        tgt, owner = targets[trained], seq[trained]
+        return -torch.stack([head_cross_entropy(hidden[owner == k], head.weight, tgt[owner == k])
+                             for k in range(n_seq)])
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                    use_cache=False).logits[:, :-1].float()
     nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")  # (B, T-1)
-    return -nll.sum(-1)
+    return -torch.zeros(n_seq, device=nll.device, dtype=nll.dtype).index_add(0, seq[trained], nll[trained])
 
 
 def preference_loss(model: Any, chosen: list[Rendered], rejected: list[Rendered], pad_id: int, beta: float,
-                    device: torch.device) -> torch.Tensor:
+                    device: torch.device, packing: bool = False) -> torch.Tensor:
     """Mean over pairs of -log sigmoid(beta * (log p(chosen) - log p(rejected))), reference-free.
 
     The CPO form (Xu et al., 2024; TRL's CPOTrainer): added to the SFT loss, it pushes each
     rejected answer below the chosen one for the same prompt, where SFT alone only pulls the
     chosen one up. Chosen and rejected share the prompt and earlier turns, so only the last
-    answer differs in the margin.
+    answer differs in the margin. ``packing``: all of them in one padding-free row (the model
+    must attend per conversation, as ``models.packed_attention`` makes it).
     """
-    logp = sequence_logprobs(model, collate([*chosen, *rejected], pad_id).to(device))
+    layout = pack if packing else collate
+    logp = sequence_logprobs(model, layout([*chosen, *rejected], pad_id).to(device))
     n = len(chosen)
     return -F.logsigmoid(beta * (logp[:n] - logp[n:]).float()).mean()
 
@@ -459,9 +477,13 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
     pad_id = tokenizer.pad_token_id
     bs = cfg.train.batch_size
 
+    group_by_length = cfg.train.group_by_length
+    if group_by_length is None:
+        group_by_length = not cfg.train.packing  # packed rows have no padding to save
+
     def epoch_batches(epoch: int) -> list[Batch]:
         batches = make_batches(rows, bs, pad_id, packing=cfg.train.packing, seed=cfg.train.seed + epoch,
-                               group_by_length=cfg.train.group_by_length)
+                               group_by_length=group_by_length)
         if len(batches) < world:
             raise TrainError(f"only {len(batches)} micro-batch(es) per epoch for {world} processes: lower "
                              "train.batch_size, add data, or use fewer processes.")
@@ -632,7 +654,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
                     accelerator.sync_gradients = False
                     with accelerator.no_sync(model), autocast():  # the SFT pass below syncs the step
                         pref = preference_loss(model, [c for c, _ in picked], [r for _, r in picked], pad_id,
-                                               cfg.train.preference_beta, device)
+                                               cfg.train.preference_beta, device, packing=cfg.train.packing)
                     accelerator.backward(pref * cfg.train.preference_weight)
                     window_pref += float(pref.detach())
                     window_pref_n += 1
