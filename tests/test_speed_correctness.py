@@ -188,7 +188,8 @@ def test_generation_unchanged_by_packed_attention(tokenizer) -> None:
 
 
 def test_packed_run_follows_unpacked_loss_curve(tmp_path: Path, tiny_model_dir, tokenizer) -> None:
-    """Same batches, same steps: with dropout off, packing changes only the speed."""
+    """Same batches, same steps: with dropout off, packing changes only the speed (length grouping
+    is set for both, as its default follows packing)."""
     from conftest import CHAT_ROWS, write_jsonl
     from tinysft.config import load_config, parse_overrides
     from tinysft.train import train
@@ -199,7 +200,8 @@ def test_packed_run_follows_unpacked_loss_curve(tmp_path: Path, tiny_model_dir, 
         cfg = load_config(None, parse_overrides([
             f"model.name={tiny_model_dir}", f"data.train={data}", "train.epochs=2",
             "train.batch_size=4", "train.learning_rate=1e-2", "train.log_every=1", "lora.r=4", "lora.alpha=8",
-            "lora.dropout=0.0", "train.mixed_precision=no", f"train.packing={str(packing).lower()}"]))
+            "lora.dropout=0.0", "train.mixed_precision=no", f"train.packing={str(packing).lower()}",
+            "train.group_by_length=true"]))
         train(cfg, tmp_path / f"run-{packing}", show_progress=False, log=lambda m: None)
         lines = [json.loads(x) for x in (tmp_path / f"run-{packing}" / "metrics.jsonl").read_text().splitlines()]
         curves[packing] = [h["loss"] for h in lines if "loss" in h]
