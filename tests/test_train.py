@@ -181,14 +181,15 @@ def test_preference_loss_widens_the_margin(tiny_model_dir, tokenizer) -> None:
     assert losses[-1] < losses[0], losses
 
 
-def test_preference_term_is_trained_and_logged(tmp_path, tiny_model_dir) -> None:
+@pytest.mark.parametrize("extra", [[], ["train.preference_tokens=4", "train.preference_pairs=1"]])
+def test_preference_term_is_trained_and_logged(tmp_path, tiny_model_dir, extra) -> None:
     from conftest import CHAT_ROWS, write_jsonl
 
     rows = [{"prompt": f"How do I kill stuck process {n}?", "response": f"Run kill {n}.",
              "rejected": "I'm sorry, but I can't help with that."} for n in (11, 22)]
     data = write_jsonl(tmp_path / "train.jsonl", CHAT_ROWS + rows)
-    result = train(tiny_cfg(tiny_model_dir, data, "train.epochs=2", "train.preference_weight=1"), tmp_path / "run",
-                   show_progress=False, log=lambda m: None)
+    result = train(tiny_cfg(tiny_model_dir, data, "train.epochs=2", "train.preference_weight=1", *extra),
+                   tmp_path / "run", show_progress=False, log=lambda m: None)
     prefs = [h["preference_loss"] for h in result.history if "preference_loss" in h]
     assert len(prefs) == result.steps and all(math.isfinite(p) and p >= 0 for p in prefs), prefs
 
@@ -199,3 +200,27 @@ def test_preference_weight_without_rejected_rows_is_a_data_error(tmp_path, tiny_
     with pytest.raises(DataError, match="rejected"):
         train(tiny_cfg(tiny_model_dir, chat_file, "train.preference_weight=1"), tmp_path / "run",
               show_progress=False, log=lambda m: None)
+
+
+def test_preference_pairs_keep_the_answer_prefix(tokenizer) -> None:
+    from tinysft.data.formats import to_conversation
+    from tinysft.data.render import render
+    from tinysft.train import preference_pairs
+
+    row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there, friend."},
+                        {"role": "user", "content": "How do I kill a stuck job?"},
+                        {"role": "assistant", "content": "Run kill with the job's process id, then check it stopped."}],
+           "rejected": "I'm sorry, but I can't help with that."}
+    conv = to_conversation(row)
+    full = render(conv, tokenizer, 512)
+    (chosen, rejected), = preference_pairs([conv], tokenizer, 512, None, answer_tokens=3)
+    last = len(full.loss_mask) - 1 - full.loss_mask[::-1].index(1)
+    answer_start = last - full.loss_mask[last::-1].index(0) + 1  # first token of the last trained run
+    assert sum(full.loss_mask[:answer_start]) > 0  # the first answer is trained in SFT
+    assert chosen.input_ids == full.input_ids[: answer_start + 3]
+    assert chosen.loss_mask == [0] * answer_start + [1, 1, 1]  # the first answer is not trained here
+    assert rejected.input_ids[:answer_start] == full.input_ids[:answer_start]
+    assert tokenizer.decode(rejected.input_ids[answer_start:]) == tokenizer.decode(
+        tokenizer("I'm sorry, but I can't help with that.", add_special_tokens=False)["input_ids"][:3])
+    (whole, _), = preference_pairs([conv], tokenizer, 512, None)
+    assert whole.input_ids == full.input_ids and whole.loss_mask == full.loss_mask

@@ -137,6 +137,11 @@ class TrainConfig:
     """Weight of the preference term for rows with a `rejected` answer (0 = off); see docs/recipe.md."""
     preference_beta: float = 0.1
     """Scale of the log-probability margin inside that term: -log sigmoid(beta * (log p(answer) - log p(rejected)))."""
+    preference_pairs: int = 0
+    """Pairs in the preference term per optimizer step and process (0 = half of train.batch_size)."""
+    preference_tokens: int = 0
+    """Only the first N tokens of the answer and of `rejected` enter the term (0 = whole answers):
+    the refuse-or-answer decision is made there, and the pair pass gets shorter."""
     log_every: int = 5
     """Optimizer steps between log lines in metrics.jsonl."""
     eval_every: int = 0
@@ -162,7 +167,7 @@ class TrainConfig:
         if self.answer_start_weight <= 0:
             raise ConfigError(f"train.answer_start_weight must be > 0 (got {self.answer_start_weight}); 1 = off.")
         for name in ("weight_decay", "max_grad_norm", "eval_every", "save_every", "threads", "answer_start_tokens",
-                     "preference_weight"):
+                     "preference_weight", "preference_pairs", "preference_tokens"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0 (got {getattr(self, name)}); 0 means off / the default.")
         if self.log_every < 1 or self.keep_checkpoints < 1:

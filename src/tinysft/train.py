@@ -164,14 +164,35 @@ def preference_loss(model: Any, chosen: list[Rendered], rejected: list[Rendered]
     return -F.logsigmoid(beta * (logp[:n] - logp[n:]).float()).mean()
 
 
+def answer_prefix(rendered: Rendered, tokens: int) -> Rendered:
+    """The conversation up to the first ``tokens`` trained tokens of its last answer; only those
+    are trained (earlier answers are shared by chosen and rejected, so their terms cancel)."""
+    mask = rendered.loss_mask
+    if not any(mask):
+        return rendered
+    last = len(mask) - 1 - mask[::-1].index(1)  # the last trained token; the answer's run ends there
+    start = last
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    end = min(last + 1, start + tokens)
+    return Rendered(rendered.input_ids[:end], [0] * start + [1] * (end - start), rendered.source, rendered.truncated)
+
+
 def preference_pairs(convs: list[Conversation], tokenizer: Any, max_length: int,
-                     system_prompt: str | None) -> list[tuple[Rendered, Rendered]]:
-    """(chosen, rejected) renderings for every conversation with a `rejected` answer; failures are one DataError."""
+                     system_prompt: str | None, answer_tokens: int = 0) -> list[tuple[Rendered, Rendered]]:
+    """(chosen, rejected) renderings for every conversation with a `rejected` answer; failures are one DataError.
+
+    ``answer_tokens`` > 0 keeps only the first that many tokens of both answers (where the model
+    decides to refuse or to answer), which also makes the pair pass shorter.
+    """
     with_rejected = [c for c in convs if c.extra.get("rejected") is not None]
     alts = [Conversation([*c.messages[:-1], {"role": "assistant", "content": c.extra["rejected"]}], c.source, c.format,
                          c.category) for c in with_rejected]
-    return list(zip(render_all(with_rejected, tokenizer, max_length, system_prompt),
-                    render_all(alts, tokenizer, max_length, system_prompt), strict=True))
+    pairs = list(zip(render_all(with_rejected, tokenizer, max_length, system_prompt),
+                     render_all(alts, tokenizer, max_length, system_prompt), strict=True))
+    if answer_tokens > 0:
+        pairs = [(answer_prefix(c, answer_tokens), answer_prefix(r, answer_tokens)) for c, r in pairs]
+    return pairs
 
 
 @torch.no_grad()
@@ -449,10 +470,11 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
     base, tokenizer, model_path = load_causal_lm(cfg.model, device=device, log=say)
     rows = render_all(train_convs, tokenizer, cfg.data.max_length, cfg.data.system_prompt)
     eval_rows = render_all(eval_convs, tokenizer, cfg.data.max_length, cfg.data.system_prompt) if eval_convs else []
-    pairs = preference_pairs(pair_convs, tokenizer, cfg.data.max_length, cfg.data.system_prompt)
+    pairs = preference_pairs(pair_convs, tokenizer, cfg.data.max_length, cfg.data.system_prompt,
+                             cfg.train.preference_tokens)
     pair_order = list(range(len(pairs)))
     random.Random(cfg.train.seed).shuffle(pair_order)
-    pairs_per_step = max(1, cfg.train.batch_size // 2)
+    pairs_per_step = cfg.train.preference_pairs or max(1, cfg.train.batch_size // 2)
     if pairs:
         say(f"Preference term on {len(pairs)} rows with a `rejected` answer, {pairs_per_step} pairs per step "
             f"(weight {cfg.train.preference_weight}, beta {cfg.train.preference_beta}).")
