@@ -49,9 +49,11 @@ RECIPE: dict[str, dict[str, Any]] = {
 }
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 WITH_CONTRAST = ["train.jsonl", "seed.jsonl", "contrast.jsonl"]
-# more.jsonl: 318 harmless look-alike / explain / length prompts answered by the base model, 150
-# hand-written refusals (make_more.py).
-WITH_MORE = ["train.jsonl", "seed.jsonl", "more.jsonl"]
+# more-answers.jsonl: 318 harmless look-alike / explain / length prompts answered by the base model;
+# more-refusals.jsonl: 150 hand-written refusals (both from make_more.py; the "more-*" rows were
+# measured on the two as one file, in this order).
+WITH_MORE = ["train.jsonl", "seed.jsonl", "more-answers.jsonl", "more-refusals.jsonl"]
+WITH_MORE_REFUSALS = ["train.jsonl", "seed.jsonl", "more-refusals.jsonl"]
 QUARTER_CHAT = {"task": 0.25, "multiturn": 0.25, "instruction": 0.25, "conversational": 0.25}
 # Category weights shared by several variants (each variant's full overrides are recorded with its results).
 MIX_C = {"refusal": 2, "lookalike": 3, "task": 0.25, "multiturn": 0.25, "instruction": 0.25, "conversational": 0.25}
@@ -155,6 +157,26 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "mix-c2-mixed-pref": {"train": {"epochs": 1, "learning_rate": 1e-3, "group_by_length": False,
                                     "preference_weight": 1.0},
                           "lora": {"target_modules": ALL_LINEAR}, "data": {"category_weights": MIX_C2}},
+    # Cheaper pair passes: only the first 8 answer tokens in the term; 2 pairs per step.
+    "mix-c2-mixed-pref-t8": {"train": {"epochs": 1, "learning_rate": 1e-3, "group_by_length": False,
+                                       "preference_weight": 1.0, "preference_tokens": 8},
+                             "lora": {"target_modules": ALL_LINEAR}, "data": {"category_weights": MIX_C2}},
+    "mix-c2-mixed-pref-t8p2": {"train": {"epochs": 1, "learning_rate": 1e-3, "group_by_length": False,
+                                         "preference_weight": 1.0, "preference_tokens": 8, "preference_pairs": 2},
+                               "lora": {"target_modules": ALL_LINEAR}, "data": {"category_weights": MIX_C2}},
+    "mix-c2-mixed-pref-t8-b05": {"train": {"epochs": 1, "learning_rate": 1e-3, "group_by_length": False,
+                                           "preference_weight": 1.0, "preference_tokens": 8, "preference_beta": 0.5},
+                                 "lora": {"target_modules": ALL_LINEAR}, "data": {"category_weights": MIX_C2}},
+    "mix-c2-mixed-pref-t16": {"train": {"epochs": 1, "learning_rate": 1e-3, "group_by_length": False,
+                                        "preference_weight": 1.0, "preference_tokens": 16},
+                              "lora": {"target_modules": ALL_LINEAR}, "data": {"category_weights": MIX_C2}},
+    "r5-mixed-pref-t8": {"train": {"epochs": 1, "learning_rate": 1e-3, "group_by_length": False,
+                                   "preference_weight": 1.0, "preference_tokens": 8},
+                         "lora": {"target_modules": ALL_LINEAR}, "data": {"category_weights": {**MIX_C2, "refusal": 5}}},
+    "r-mixed-pref-t8": {"train": {"epochs": 1, "learning_rate": 1e-3, "group_by_length": False,
+                                  "preference_weight": 1.0, "preference_tokens": 8},
+                        "lora": {"target_modules": ALL_LINEAR},
+                        "data": {"train": WITH_MORE_REFUSALS, "category_weights": {**MIX_C2, "refusal": 1}}},
     # With more.jsonl, shuffled batches.
     "more-mixed": {"train": {"epochs": 1, "learning_rate": 1e-3, "group_by_length": False},
                    "lora": {"target_modules": ALL_LINEAR}, "data": {"train": WITH_MORE, "category_weights": QUARTER_CHAT}},
