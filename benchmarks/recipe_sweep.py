@@ -190,6 +190,13 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
                              "lora": {"target_modules": ALL_LINEAR},
                              "data": {"category_weights": {**MIX_C2, "refusal": 4.5, "length_short": 2,
                                                            "length_long": 3}}},
+    # The demo recipe again with other seeds (data order, LoRA init, dropout): run-to-run spread.
+    **{f"r4len-mixed-pref-t8-s{seed}": {"train": {"epochs": 1, "learning_rate": 1e-3, "group_by_length": False,
+                                                  "preference_weight": 1.0, "preference_tokens": 8, "seed": seed},
+                                        "lora": {"target_modules": ALL_LINEAR},
+                                        "data": {"category_weights": {**MIX_C2, "refusal": 4, "length_short": 2,
+                                                                      "length_long": 3}}}
+       for seed in (7, 11)},
     "r-mixed-pref-t8": {"train": {"epochs": 1, "learning_rate": 1e-3, "group_by_length": False,
                                   "preference_weight": 1.0, "preference_tokens": 8},
                         "lora": {"target_modules": ALL_LINEAR},
