@@ -32,8 +32,11 @@ def test_real_model_learns_and_answers_change(real_run: Path) -> None:
     from tinysft.pipeline import evaluate_run
 
     history = [json.loads(x) for x in (real_run / "metrics.jsonl").read_text().splitlines()]
-    losses = [h["loss"] for h in history if "loss" in h]
-    assert losses[-1] < losses[0], losses
+    # Epoch means, not the first and last step: steps are different batches (shuffled, of mixed
+    # lengths), each epoch is the same conversations.
+    first = [h["loss"] for h in history if "loss" in h and h["epoch"] <= 1.0]
+    second = [h["loss"] for h in history if "loss" in h and h["epoch"] > 1.0]
+    assert first and second and sum(second) / len(second) < sum(first) / len(first), (first, second)
     paths, comp = evaluate_run(real_run, [str(EXAMPLES / "polite-helper" / "prompts.jsonl")], real_run / "report",
                                max_new_tokens=48, log=lambda m: None)
     changed = [r for r in comp.rows if r["base_answer"] != r["tuned_answer"]]
