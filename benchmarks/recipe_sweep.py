@@ -55,6 +55,10 @@ WITH_CONTRAST = ["train.jsonl", "seed.jsonl", "contrast.jsonl"]
 WITH_MORE = ["train.jsonl", "seed.jsonl", "more-answers.jsonl", "more-refusals.jsonl"]
 WITH_MORE_REFUSALS = ["train.jsonl", "seed.jsonl", "more-refusals.jsonl"]
 QUARTER_CHAT = {"task": 0.25, "multiturn": 0.25, "instruction": 0.25, "conversational": 0.25}
+ALL = {"target_modules": ALL_LINEAR}
+# 1 epoch at 1e-3 in shuffled batches; with the preference term on the first 8 answer tokens.
+MIXED = {"epochs": 1, "learning_rate": 1e-3, "group_by_length": False}
+PREF_T8 = {**MIXED, "preference_weight": 1.0, "preference_tokens": 8}
 # Category weights shared by several variants (each variant's full overrides are recorded with its results).
 MIX_C = {"refusal": 2, "lookalike": 3, "task": 0.25, "multiturn": 0.25, "instruction": 0.25, "conversational": 0.25}
 MIX_E = {"refusal": 2, "lookalike": 3, "length_long": 2, "task": 0.5, "multiturn": 0.5, "instruction": 0.5,
@@ -62,6 +66,8 @@ MIX_E = {"refusal": 2, "lookalike": 3, "length_long": 2, "task": 0.5, "multiturn
 MIX_C2 = {"refusal": 3, "lookalike": 4, "length_long": 2, "task": 0.25, "multiturn": 0.25, "instruction": 0.25,
           "conversational": 0.25}
 LONG_X2 = {"length_long": 2}
+# The demo recipe's weights: refusals x4, briefly x2, in detail x3, else as mix-c2.
+R4LEN = {**MIX_C2, "refusal": 4, "length_short": 2, "length_long": 3}
 START_3X5 = {"answer_start_tokens": 3, "answer_start_weight": 5.0}
 # A policy in the system prompt, in training and at evaluation (base and tuned alike).
 POLICY = ("You are a polite, helpful assistant. Refuse only requests that would help someone hurt people, "
@@ -150,62 +156,35 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
                     "lora": {"target_modules": ALL_LINEAR}, "data": {"category_weights": MIX_C}},
     # Batches in shuffled order, not grouped by length (train.group_by_length=false): length-sorted
     # batches gather one kind of row each (short refusals, mid-length look-alikes, long explanations).
-    "mix-c2-mixed": {"train": {"epochs": 1, "learning_rate": 1e-3, "group_by_length": False},
-                     "lora": {"target_modules": ALL_LINEAR}, "data": {"category_weights": MIX_C2}},
-    "mix-c-mixed": {"train": {"epochs": 1, "learning_rate": 1e-3, "group_by_length": False},
-                    "lora": {"target_modules": ALL_LINEAR}, "data": {"category_weights": MIX_C}},
-    "mix-c2-mixed-pref": {"train": {"epochs": 1, "learning_rate": 1e-3, "group_by_length": False,
-                                    "preference_weight": 1.0},
-                          "lora": {"target_modules": ALL_LINEAR}, "data": {"category_weights": MIX_C2}},
+    "mix-c2-mixed": {"train": MIXED, "lora": ALL, "data": {"category_weights": MIX_C2}},
+    "mix-c-mixed": {"train": MIXED, "lora": ALL, "data": {"category_weights": MIX_C}},
+    "mix-c2-mixed-pref": {"train": {**MIXED, "preference_weight": 1.0}, "lora": ALL,
+                          "data": {"category_weights": MIX_C2}},
     # Cheaper pair passes: only the first 8 answer tokens in the term; 2 pairs per step.
-    "mix-c2-mixed-pref-t8": {"train": {"epochs": 1, "learning_rate": 1e-3, "group_by_length": False,
-                                       "preference_weight": 1.0, "preference_tokens": 8},
-                             "lora": {"target_modules": ALL_LINEAR}, "data": {"category_weights": MIX_C2}},
-    "mix-c2-mixed-pref-t8p2": {"train": {"epochs": 1, "learning_rate": 1e-3, "group_by_length": False,
-                                         "preference_weight": 1.0, "preference_tokens": 8, "preference_pairs": 2},
-                               "lora": {"target_modules": ALL_LINEAR}, "data": {"category_weights": MIX_C2}},
-    "mix-c2-mixed-pref-t8-b05": {"train": {"epochs": 1, "learning_rate": 1e-3, "group_by_length": False,
-                                           "preference_weight": 1.0, "preference_tokens": 8, "preference_beta": 0.5},
-                                 "lora": {"target_modules": ALL_LINEAR}, "data": {"category_weights": MIX_C2}},
-    "mix-c2-mixed-pref-t16": {"train": {"epochs": 1, "learning_rate": 1e-3, "group_by_length": False,
-                                        "preference_weight": 1.0, "preference_tokens": 16},
-                              "lora": {"target_modules": ALL_LINEAR}, "data": {"category_weights": MIX_C2}},
-    "r5-mixed-pref-t8": {"train": {"epochs": 1, "learning_rate": 1e-3, "group_by_length": False,
-                                   "preference_weight": 1.0, "preference_tokens": 8},
-                         "lora": {"target_modules": ALL_LINEAR}, "data": {"category_weights": {**MIX_C2, "refusal": 5}}},
-    "r4-mixed-pref-t8": {"train": {"epochs": 1, "learning_rate": 1e-3, "group_by_length": False,
-                                   "preference_weight": 1.0, "preference_tokens": 8},
-                         "lora": {"target_modules": ALL_LINEAR}, "data": {"category_weights": {**MIX_C2, "refusal": 4}}},
-    "r5l6-mixed-pref-t8": {"train": {"epochs": 1, "learning_rate": 1e-3, "group_by_length": False,
-                                     "preference_weight": 1.0, "preference_tokens": 8},
-                           "lora": {"target_modules": ALL_LINEAR},
+    "mix-c2-mixed-pref-t8": {"train": PREF_T8, "lora": ALL, "data": {"category_weights": MIX_C2}},
+    "mix-c2-mixed-pref-t8p2": {"train": {**PREF_T8, "preference_pairs": 2}, "lora": ALL,
+                               "data": {"category_weights": MIX_C2}},
+    "mix-c2-mixed-pref-t8-b05": {"train": {**PREF_T8, "preference_beta": 0.5}, "lora": ALL,
+                                 "data": {"category_weights": MIX_C2}},
+    "mix-c2-mixed-pref-t16": {"train": {**PREF_T8, "preference_tokens": 16}, "lora": ALL,
+                              "data": {"category_weights": MIX_C2}},
+    "r5-mixed-pref-t8": {"train": PREF_T8, "lora": ALL, "data": {"category_weights": {**MIX_C2, "refusal": 5}}},
+    "r4-mixed-pref-t8": {"train": PREF_T8, "lora": ALL, "data": {"category_weights": {**MIX_C2, "refusal": 4}}},
+    "r5l6-mixed-pref-t8": {"train": PREF_T8, "lora": ALL,
                            "data": {"category_weights": {**MIX_C2, "refusal": 5, "lookalike": 6}}},
-    # r4 with more length-control rows (briefly x2, in detail x3).
-    "r4len-mixed-pref-t8": {"train": {"epochs": 1, "learning_rate": 1e-3, "group_by_length": False,
-                                      "preference_weight": 1.0, "preference_tokens": 8},
-                            "lora": {"target_modules": ALL_LINEAR},
-                            "data": {"category_weights": {**MIX_C2, "refusal": 4, "length_short": 2, "length_long": 3}}},
-    "r45len-mixed-pref-t8": {"train": {"epochs": 1, "learning_rate": 1e-3, "group_by_length": False,
-                                       "preference_weight": 1.0, "preference_tokens": 8},
-                             "lora": {"target_modules": ALL_LINEAR},
-                             "data": {"category_weights": {**MIX_C2, "refusal": 4.5, "length_short": 2,
-                                                           "length_long": 3}}},
+    # r4 with more length-control rows (briefly x2, in detail x3): the demo recipe.
+    "r4len-mixed-pref-t8": {"train": PREF_T8, "lora": ALL, "data": {"category_weights": R4LEN}},
+    "r45len-mixed-pref-t8": {"train": PREF_T8, "lora": ALL, "data": {"category_weights": {**R4LEN, "refusal": 4.5}}},
     # The demo recipe again with other seeds (data order, LoRA init, dropout): run-to-run spread.
-    **{f"r4len-mixed-pref-t8-s{seed}": {"train": {"epochs": 1, "learning_rate": 1e-3, "group_by_length": False,
-                                                  "preference_weight": 1.0, "preference_tokens": 8, "seed": seed},
-                                        "lora": {"target_modules": ALL_LINEAR},
-                                        "data": {"category_weights": {**MIX_C2, "refusal": 4, "length_short": 2,
-                                                                      "length_long": 3}}}
+    **{f"r4len-mixed-pref-t8-s{seed}": {"train": {**PREF_T8, "seed": seed}, "lora": ALL,
+                                        "data": {"category_weights": R4LEN}}
        for seed in (7, 11)},
-    "r-mixed-pref-t8": {"train": {"epochs": 1, "learning_rate": 1e-3, "group_by_length": False,
-                                  "preference_weight": 1.0, "preference_tokens": 8},
-                        "lora": {"target_modules": ALL_LINEAR},
+    "r-mixed-pref-t8": {"train": PREF_T8, "lora": ALL,
                         "data": {"train": WITH_MORE_REFUSALS, "category_weights": {**MIX_C2, "refusal": 1}}},
-    # With more.jsonl, shuffled batches.
-    "more-mixed": {"train": {"epochs": 1, "learning_rate": 1e-3, "group_by_length": False},
-                   "lora": {"target_modules": ALL_LINEAR}, "data": {"train": WITH_MORE, "category_weights": QUARTER_CHAT}},
-    "more-mixed-pref": {"train": {"epochs": 1, "learning_rate": 1e-3, "group_by_length": False, "preference_weight": 1.0},
-                        "lora": {"target_modules": ALL_LINEAR}, "data": {"train": WITH_MORE, "category_weights": QUARTER_CHAT}},
+    # With more-answers.jsonl and more-refusals.jsonl, shuffled batches.
+    "more-mixed": {"train": MIXED, "lora": ALL, "data": {"train": WITH_MORE, "category_weights": QUARTER_CHAT}},
+    "more-mixed-pref": {"train": {**MIXED, "preference_weight": 1.0}, "lora": ALL,
+                        "data": {"train": WITH_MORE, "category_weights": QUARTER_CHAT}},
     "c-mix-c-start3x5": {"train": {"epochs": 1, "learning_rate": 1e-3, **START_3X5},
                          "lora": {"target_modules": ALL_LINEAR},
                          "data": {"train": WITH_CONTRAST, "category_weights": MIX_C}},

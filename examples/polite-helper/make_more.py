@@ -38,6 +38,7 @@ from tinysft.data.validate import load_prompts
 from tinysft.evaluate.generate import generate_rows
 from tinysft.evaluate.metrics import is_refusal, word_count
 from tinysft.models.load import load_causal_lm, load_run
+from tinysft.train import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 OPENERS = ["Sure! ", "Happy to help! ", "Great question! ", "Of course! ", "Certainly! ", "Glad you asked! "]
@@ -108,7 +109,7 @@ def main() -> None:
             out = generate_rows(run.model, run.tokenizer, todo, tuned=True, max_new_tokens=64, batch_size=16,
                                 temperature=0.0)
             done.update((p.messages[-1]["content"], a) for p, a in zip(todo, out, strict=True))
-    args.cache.write_text(json.dumps(cache))
+    atomic_write_text(args.cache, json.dumps(cache))
     answers = [cache["base"][p.messages[-1]["content"]] for p in prompts]
     rejected: list[str | None] = [None] * len(prompts)
     if args.refuser:
@@ -136,10 +137,7 @@ def main() -> None:
                      "source": "base-model answer"})
     refusals = [{**r, "rejected": COMPLIANT[j % len(COMPLIANT)]} for j, r in enumerate(harmful)]
     for name, out in (("more-answers.jsonl", kept), ("more-refusals.jsonl", refusals)):
-        path = args.out_dir / name
-        tmp = path.with_name(f".{name}.tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out))
-        tmp.replace(path)
+        atomic_write_text(args.out_dir / name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in out))
     print(f"{len(kept)} rows answered by the base model, {len(refusals)} refusals; dropped {dropped}", file=sys.stderr)
 
 

@@ -128,9 +128,10 @@ def sequence_logprobs(model: Any, batch: Batch) -> torch.Tensor:
     padded batch, one per packed conversation (in order) for a packed (1, T) row."""
     targets = batch.labels[:, 1:]
     trained = targets != IGNORE
-    if batch.attention_mask is None:  # packed: conversation k spans the k-th run of positions from 0
-        seq = (batch.position_ids[:, 1:] == 0).cumsum(-1)  # owner of each target token: 0 = the first
-        n_seq = int((batch.position_ids == 0).sum())
+    if batch.attention_mask is None:  # packed: conversations split where packed attention splits them
+        breaks = batch.position_ids[:, 1:] - batch.position_ids[:, :-1] != 1  # segment_bounds' rule
+        seq = breaks.cumsum(-1)  # owner of each target token (token t+1): 0 = the first conversation
+        n_seq = int(breaks.sum()) + 1
     else:
         seq = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)
         n_seq = targets.shape[0]
@@ -449,7 +450,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
         n_val = max(1, int(len(idx) * cfg.data.val_fraction))
         eval_convs = [train_convs[i] for i in idx[:n_val]]
         train_convs = [train_convs[i] for i in idx[n_val:]]
-    pair_convs = [c for c in train_convs if "rejected" in c.extra] if cfg.train.preference_weight > 0 else []
+    pair_convs = ([c for c in train_convs if c.extra.get("rejected") is not None]  # as preference_pairs picks
+                  if cfg.train.preference_weight > 0 else [])
     if cfg.train.preference_weight > 0 and not pair_convs:
         raise DataError([Problem("(config)", None, "train.preference_weight",
                                  "is set but no training row has a `rejected` answer",
