@@ -59,6 +59,7 @@ ALL = {"target_modules": ALL_LINEAR}
 # 1 epoch at 1e-3 in shuffled batches; with the preference term on the first 8 answer tokens.
 MIXED = {"epochs": 1, "learning_rate": 1e-3, "group_by_length": False}
 PREF_T8 = {**MIXED, "preference_weight": 1.0, "preference_tokens": 8}
+PREF_IB = {**PREF_T8, "preference_in_batch": True}
 # Category weights shared by several variants (each variant's full overrides are recorded with its results).
 MIX_C = {"refusal": 2, "lookalike": 3, "task": 0.25, "multiturn": 0.25, "instruction": 0.25, "conversational": 0.25}
 MIX_E = {"refusal": 2, "lookalike": 3, "length_long": 2, "task": 0.5, "multiturn": 0.5, "instruction": 0.5,
@@ -179,6 +180,11 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     **{f"r4len-mixed-pref-t8-s{seed}": {"train": {**PREF_T8, "seed": seed}, "lora": ALL,
                                         "data": {"category_weights": R4LEN}}
        for seed in (7, 11)},
+    # The pairs from the batch itself, scored in the SFT pass (train.preference_in_batch): they follow
+    # the category weights (~5 per step instead of 4 from a pool) and cost only the rejected tokens.
+    **{f"r4len-ib-t8{suffix}": {"train": {**PREF_IB, **extra}, "lora": ALL, "data": {"category_weights": R4LEN}}
+       for suffix, extra in (("", {}), ("-s7", {"seed": 7}), ("-s11", {"seed": 11}), ("-w2", {"preference_weight": 2.0}),
+                             ("-e2", {"epochs": 2, "learning_rate": 5e-4}))},
     "r-mixed-pref-t8": {"train": PREF_T8, "lora": ALL,
                         "data": {"train": WITH_MORE_REFUSALS, "category_weights": {**MIX_C2, "refusal": 1}}},
     # With more-answers.jsonl and more-refusals.jsonl, shuffled batches.

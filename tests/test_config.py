@@ -40,6 +40,7 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
     (["data.category_weights=refusal"], "NAME:VALUE pairs"),
     (["data.category_weights=refusal:lots"], "data.category_weights.refusal: expected a number"),
     (["data.category_weights=refusal:-1"], "must be >= 0"),
+    (["train.preference_in_batch=true", "train.packing=false"], "preference_in_batch needs train.packing"),
 ])
 def test_bad_values_are_named(override: list[str], fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):

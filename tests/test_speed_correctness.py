@@ -369,3 +369,94 @@ def test_packed_sequence_logprobs_equal_padded(rows, tokenizer, chunked_head, mo
     assert packed.tolist() == pytest.approx(alone, rel=1e-5, abs=1e-4)
     assert padded.tolist() == pytest.approx(alone, rel=1e-5, abs=1e-4)
     assert len(set(round(x, 3) for x in alone)) > 1  # distinct conversations, so a mix-up would show
+
+
+def _paired_conversations():
+    from tinysft.data.formats import Conversation
+
+    chats = [
+        ([{"role": "user", "content": "How do I kill a stuck process?"}, {"role": "assistant", "content": "Run kill -9 PID."}],
+         "I'm sorry, but I can't help with that."),
+        ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"}], None),
+        ([{"role": "system", "content": "Be terse."}, {"role": "user", "content": "2+2?"},
+          {"role": "assistant", "content": "4."}, {"role": "user", "content": "And how do I pick a lock?"},
+          {"role": "assistant", "content": "I can't help with that, but a locksmith can."}],
+         "Sure! Here's how you can do that: take a tension wrench and a pick."),
+        ([{"role": "user", "content": "Name three colours of the rainbow, please."},
+          {"role": "assistant", "content": "Red, orange and yellow, then green and blue."}], "No."),
+    ]
+    return [Conversation(m, f"t.jsonl:{i + 1}", extra={} if r is None else {"rejected": r})
+            for i, (m, r) in enumerate(chats)]
+
+
+def _lora_tiny(tokenizer):
+    from tinysft.config import LoraConfig
+    from tinysft.models.load import add_lora
+
+    model = add_lora(_tiny_llama(len(tokenizer)), LoraConfig(r=4, alpha=8, dropout=0.0))
+    for i, (name, p) in enumerate(model.named_parameters()):  # lora_B starts at 0: make every path carry a gradient
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(i))
+    assert use_packed_attention(model)
+    return model
+
+
+@pytest.mark.parametrize("tokens", [0, 3])
+@pytest.mark.parametrize("chunked_head", [True, False])
+def test_in_row_pairs_equal_a_separate_pair_pass(tokenizer, tokens, chunked_head, monkeypatch) -> None:
+    """Rejected answers packed as branches of their conversations (``preference_in_batch``) give the
+    preference term of separate (chosen, rejected) conversations, value and LoRA gradients, and
+    leave the SFT loss as it is without them."""
+    import tinysft.train as train_mod
+
+    if not chunked_head:
+        monkeypatch.setattr(train_mod, "plain_lm_head", lambda _m: None)
+    convs = _paired_conversations()
+    plain = train_mod.render_all(convs, tokenizer, 512)
+    paired = train_mod.rows_with_rejected(convs, plain, tokenizer, 512, None, tokens)
+    assert [r.rejected is not None for r in paired] == [True, False, True, True]
+    model = _lora_tiny(tokenizer)
+    beta = 0.1
+
+    def grads(loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+    batch = pack(paired, tokenizer.pad_token_id)
+    assert batch.n_pairs == 3 and batch.n_tokens == sum(len(r.input_ids) for r in plain)
+    sft, n, pref = train_mod.lm_and_pair_loss(model, batch, beta=beta)
+    sft_alone, n_alone = causal_lm_loss(model, pack(plain, tokenizer.pad_token_id))
+    assert n == n_alone and float(sft.detach()) == pytest.approx(float(sft_alone.detach()), rel=1e-5)
+    in_row = grads(pref)
+
+    pairs = train_mod.preference_pairs(convs, tokenizer, 512, None, tokens)
+    separate = train_mod.preference_loss(model, [c for c, _ in pairs], [r for _, r in pairs], tokenizer.pad_token_id,
+                                         beta, torch.device("cpu")) * len(pairs)
+    assert float(pref.detach()) == pytest.approx(float(separate.detach()), rel=1e-5)
+    assert float(pref.detach()) != pytest.approx(len(pairs) * 0.6931, rel=1e-3)  # margins are not all 0
+    for k, g in grads(separate).items():
+        assert g.abs().sum() > 0, k
+        torch.testing.assert_close(in_row[k], g, rtol=1e-4, atol=1e-6)
+
+
+def test_split_batch_keeps_a_rejected_branch_with_its_conversation(tokenizer) -> None:
+    import tinysft.train as train_mod
+    from tinysft.data.batching import split_batch
+
+    convs = _paired_conversations()
+    rows = train_mod.rows_with_rejected(convs, train_mod.render_all(convs, tokenizer, 512), tokenizer, 512, None, 4)
+    batch = pack(rows, tokenizer.pad_token_id)
+    pieces = split_batch(batch, max(len(r.input_ids) for r in rows) + 1)
+    assert len(pieces) > 1
+    assert sum(p.n_pairs for p in pieces) == batch.n_pairs == 3
+    assert sum(p.n_tokens for p in pieces) == batch.n_tokens
+    assert sum(p.input_ids.shape[1] for p in pieces) == batch.input_ids.shape[1]
+    model = _lora_tiny(tokenizer)
+    with torch.no_grad():
+        whole = train_mod.lm_and_pair_loss(model, batch)
+        parts = [train_mod.lm_and_pair_loss(model, p) for p in pieces]
+    assert sum(float(p[0]) for p in parts) == pytest.approx(float(whole[0]), rel=1e-5)
+    assert sum(float(p[2]) for p in parts) == pytest.approx(float(whole[2]), rel=1e-5)
+    for p in pieces:  # every piece starts with a conversation, never with a branch
+        assert int(p.position_ids[0, 0]) == 0

@@ -181,7 +181,9 @@ def test_preference_loss_widens_the_margin(tiny_model_dir, tokenizer) -> None:
     assert losses[-1] < losses[0], losses
 
 
-@pytest.mark.parametrize("extra", [[], ["train.preference_tokens=4", "train.preference_pairs=1"]])
+@pytest.mark.parametrize("extra", [[], ["train.preference_tokens=4", "train.preference_pairs=1"],
+                                   ["train.preference_in_batch=true"],
+                                   ["train.preference_in_batch=true", "train.preference_tokens=4"]])
 def test_preference_term_is_trained_and_logged(tmp_path, tiny_model_dir, extra) -> None:
     from conftest import CHAT_ROWS, write_jsonl
 
@@ -191,7 +193,11 @@ def test_preference_term_is_trained_and_logged(tmp_path, tiny_model_dir, extra) 
     result = train(tiny_cfg(tiny_model_dir, data, "train.epochs=2", "train.preference_weight=1", *extra),
                    tmp_path / "run", show_progress=False, log=lambda m: None)
     prefs = [h["preference_loss"] for h in result.history if "preference_loss" in h]
-    assert len(prefs) == result.steps and all(math.isfinite(p) and p >= 0 for p in prefs), prefs
+    assert all(math.isfinite(p) and p >= 0 for p in prefs), prefs
+    if "train.preference_in_batch=true" in extra:  # logged on the steps whose batch holds a paired row
+        assert 0 < len(prefs) < result.steps, prefs
+    else:
+        assert len(prefs) == result.steps, prefs
 
 
 def test_preference_weight_without_rejected_rows_is_a_data_error(tmp_path, tiny_model_dir, chat_file) -> None:

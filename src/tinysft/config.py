@@ -142,6 +142,11 @@ class TrainConfig:
     preference_tokens: int = 0
     """Only the first N tokens of the answer and of `rejected` enter the term (0 = whole answers):
     the refuse-or-answer decision is made there, and the pair pass gets shorter."""
+    preference_in_batch: bool = False
+    """Pairs are the batch's own rows with a `rejected` answer (so they follow data.category_weights),
+    scored in the SFT pass itself: each rejected answer is a branch of its packed conversation,
+    sharing the prompt, so the term costs only the rejected tokens. Needs train.packing.
+    False = train.preference_pairs pairs per step from all such rows, in a pass of their own."""
     log_every: int = 5
     """Optimizer steps between log lines in metrics.jsonl."""
     eval_every: int = 0
@@ -170,6 +175,9 @@ class TrainConfig:
                      "preference_weight", "preference_pairs", "preference_tokens"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0 (got {getattr(self, name)}); 0 means off / the default.")
+        if self.preference_in_batch and not self.packing:
+            raise ConfigError("train.preference_in_batch needs train.packing=true (rejected answers are packed "
+                              "branches of their conversation); set one or the other.")
         if self.log_every < 1 or self.keep_checkpoints < 1:
             raise ConfigError(f"train.log_every and train.keep_checkpoints must be >= 1 (got {self.log_every}, "
                               f"{self.keep_checkpoints}).")

@@ -12,6 +12,7 @@ Run directory layout (the contract with the other stages, see DESIGN.md):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -98,8 +99,30 @@ def causal_lm_loss(model: Any, batch: Batch, weights: torch.Tensor | None = None
     logits (``head_cross_entropy``); otherwise the model's own head runs on those positions only
     (``logits_to_keep``). labels[:, 1:] lines up with logits[:, :-1].
     """
-    targets = batch.labels[:, 1:]  # (B, T-1)
+    loss, n, _ = lm_and_pair_loss(model, batch, weights)
+    return loss, n
+
+
+def lm_and_pair_loss(model: Any, batch: Batch, weights: torch.Tensor | None = None,
+                     beta: float = 0.1) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """``causal_lm_loss`` plus, from the same forward pass, the preference term of the batch's
+    in-row pairs (rows packed with a rejected branch, ``data.batching.pack``): the sum over pairs
+    of -log sigmoid(beta * (log p(chosen) - log p(rejected))), 0 for a batch without pairs.
+
+    The chosen side is the conversation's own answer (its first ``pair_tokens`` tokens), the
+    rejected side the branch, scored in the same prompt's context: the same numbers as
+    ``preference_loss`` on separate (chosen, rejected) conversations, without computing either
+    prompt again.
+    """
+    targets = batch.labels[:, 1:]
     trained = targets != IGNORE
+    pairs = batch.n_pairs > 0 and batch.rejected_targets is not None
+    zero = torch.zeros((), device=batch.input_ids.device)
+    if pairs:
+        chosen_t, rejected_t = batch.chosen_targets[0], batch.rejected_targets[0]  # (T,) per predicting position
+        at_c, at_r = (chosen_t != IGNORE).nonzero().squeeze(-1), (rejected_t != IGNORE).nonzero().squeeze(-1)
+        owner = (batch.position_ids[0] == 0).cumsum(0) - 1  # conversation of each position (branches included)
+        ids = owner[at_r].unique()  # the conversations with a pair
     head = plain_lm_head(model)
     if head is not None:
         # logits_to_keep=[] (no position): the model's own head does no work (with 1 position it
@@ -107,20 +130,44 @@ def causal_lm_loss(model: Any, batch: Batch, weights: torch.Tensor | None = None
         # hidden state (after the final norm) feeds the chunked head.
         out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                     logits_to_keep=NO_POSITIONS.to(batch.input_ids.device), output_hidden_states=True, use_cache=False)
-        hidden = out.hidden_states[-1][:, :-1]  # (B, T-1, d): position t predicts token t+1
+        full = out.hidden_states[-1]
+        hidden = full[:, :-1]  # (B, T-1, d): position t predicts token t+1
         row_weights = None if weights is None else weights[:, 1:][trained]
-        return (head_cross_entropy(hidden[trained], head.weight, targets[trained], row_weights=row_weights),
-                int(trained.sum()))
-    keep = trained.any(0).nonzero().squeeze(-1)  # positions t whose target t+1 is trained
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                logits_to_keep=keep, use_cache=False)
-    logits = out.logits.float()  # (B, K, V)
-    tgt = targets[:, keep]  # (B, K)
-    per_token = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt.reshape(-1), ignore_index=IGNORE,
-                                reduction="none")
-    if weights is not None:
-        per_token = per_token * weights[:, 1:][:, keep].reshape(-1)
-    return per_token.sum(), int((tgt != IGNORE).sum())
+        loss = head_cross_entropy(hidden[trained], head.weight, targets[trained], row_weights=row_weights)
+        if not pairs:
+            return loss, int(trained.sum()), zero
+        # A few positions per pair (~2 x preference_tokens): their full logits are small.
+        at = torch.cat([at_c, at_r])
+        logprobs = F.linear(full[0, at], head.weight).float().log_softmax(-1)
+    else:
+        # Aligned with the positions (the last one has no next token in the row, but can score a
+        # branch's last rejected token).
+        targets = F.pad(targets, (0, 1), value=IGNORE)
+        keep = (targets != IGNORE).any(0)
+        if pairs:  # the pair positions need logits too
+            keep = keep | (chosen_t != IGNORE) | (rejected_t != IGNORE)
+        keep = keep.nonzero().squeeze(-1)  # positions t whose target t+1 is trained or paired
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                    logits_to_keep=keep, use_cache=False)
+        logits = out.logits.float()  # (B, K, V)
+        tgt = targets[:, keep]  # (B, K)
+        per_token = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt.reshape(-1), ignore_index=IGNORE,
+                                    reduction="none")
+        if weights is not None:
+            per_token = per_token * F.pad(weights[:, 1:], (0, 1))[:, keep].reshape(-1)
+        loss = per_token.sum()
+        if not pairs:
+            return loss, int((tgt != IGNORE).sum()), zero
+        slot = torch.full_like(chosen_t, -1)
+        slot[keep] = torch.arange(len(keep), device=keep.device)  # position -> row of `logits`
+        at = torch.cat([at_c, at_r])
+        logprobs = logits[0, slot[at]].log_softmax(-1)
+    # Summed log-probability per (conversation, side): chosen = 0, rejected = 1.
+    tgt = torch.cat([chosen_t[at_c], rejected_t[at_r]])
+    lp = logprobs.gather(1, tgt[:, None]).squeeze(1)
+    side = torch.cat([torch.zeros_like(at_c), torch.ones_like(at_r)])
+    sums = lp.new_zeros(int(owner[-1]) + 1, 2).index_put_((owner[at], side), lp, accumulate=True)[ids]
+    return loss, int(trained.sum()), -F.logsigmoid(beta * (sums[:, 0] - sums[:, 1])).sum()
 
 
 def sequence_logprobs(model: Any, batch: Batch) -> torch.Tensor:
@@ -168,15 +215,32 @@ def preference_loss(model: Any, chosen: list[Rendered], rejected: list[Rendered]
 def answer_prefix(rendered: Rendered, tokens: int) -> Rendered:
     """The conversation up to the first ``tokens`` trained tokens of its last answer; only those
     are trained (earlier answers are shared by chosen and rejected, so their terms cancel)."""
-    mask = rendered.loss_mask
-    if not any(mask):
+    if not any(rendered.loss_mask):
         return rendered
-    last = len(mask) - 1 - mask[::-1].index(1)  # the last trained token; the answer's run ends there
-    start = last
-    while start > 0 and mask[start - 1]:
-        start -= 1
-    end = min(last + 1, start + tokens)
+    start = rendered.last_answer_start()
+    end = start
+    while end < len(rendered.loss_mask) and rendered.loss_mask[end] and end - start < tokens:
+        end += 1
     return Rendered(rendered.input_ids[:end], [0] * start + [1] * (end - start), rendered.source, rendered.truncated)
+
+
+def with_rejected(chosen: Rendered, rejected: Rendered, tokens: int = 0) -> Rendered:
+    """``chosen`` carrying the first ``tokens`` (0 = all) of ``rejected``'s last answer, for the
+    in-row preference term (``lm_and_pair_loss``). Both renderings share everything before it."""
+    c, r = chosen.last_answer_start(), rejected.last_answer_start()
+    if c != r or chosen.input_ids[:c] != rejected.input_ids[:r]:
+        raise RenderError(f"{chosen.source}: the `rejected` answer's prompt renders differently from the answer's, "
+                          "so the two cannot share it; check the row's messages.")
+    def answer(x: Rendered, start: int) -> list[int]:
+        end = start
+        while end < len(x.loss_mask) and x.loss_mask[end]:
+            end += 1
+        return x.input_ids[start:end]
+
+    ca, ra = answer(chosen, c), answer(rejected, r)
+    if tokens > 0:
+        ca, ra = ca[:tokens], ra[:tokens]
+    return dataclasses.replace(chosen, rejected=ra, pair_tokens=len(ca))
 
 
 def preference_pairs(convs: list[Conversation], tokenizer: Any, max_length: int,
@@ -186,14 +250,38 @@ def preference_pairs(convs: list[Conversation], tokenizer: Any, max_length: int,
     ``answer_tokens`` > 0 keeps only the first that many tokens of both answers (where the model
     decides to refuse or to answer), which also makes the pair pass shorter.
     """
-    with_rejected = [c for c in convs if c.extra.get("rejected") is not None]
-    alts = [Conversation([*c.messages[:-1], {"role": "assistant", "content": c.extra["rejected"]}], c.source, c.format,
-                         c.category) for c in with_rejected]
-    pairs = list(zip(render_all(with_rejected, tokenizer, max_length, system_prompt),
-                     render_all(alts, tokenizer, max_length, system_prompt), strict=True))
+    chosen = [c for c in convs if c.extra.get("rejected") is not None]
+    pairs = list(zip(render_all(chosen, tokenizer, max_length, system_prompt),
+                     render_all([_rejected_conversation(c) for c in chosen], tokenizer, max_length, system_prompt),
+                     strict=True))
     if answer_tokens > 0:
         pairs = [(answer_prefix(c, answer_tokens), answer_prefix(r, answer_tokens)) for c, r in pairs]
     return pairs
+
+
+def _rejected_conversation(conv: Conversation) -> Conversation:
+    return Conversation([*conv.messages[:-1], {"role": "assistant", "content": conv.extra["rejected"]}], conv.source,
+                        conv.format, conv.category)
+
+
+def rows_with_rejected(convs: list[Conversation], rows: list[Rendered], tokenizer: Any, max_length: int,
+                       system_prompt: str | None, answer_tokens: int = 0) -> list[Rendered]:
+    """``rows`` (the renderings of ``convs``), each conversation with a `rejected` answer carrying it
+    (``with_rejected``) for the in-row preference term; failures are one DataError."""
+    paired = [i for i, c in enumerate(convs) if c.extra.get("rejected") is not None]
+    alts = render_all([_rejected_conversation(convs[i]) for i in paired], tokenizer, max_length, system_prompt)
+    out = list(rows)
+    problems = []
+    for i, alt in zip(paired, alts, strict=True):
+        try:
+            out[i] = with_rejected(rows[i], alt, answer_tokens)
+        except RenderError as e:
+            file, _, line = convs[i].source.rpartition(":")
+            problems.append(Problem(file or convs[i].source, int(line) if line.isdigit() else None, "rejected",
+                                    str(e).split(": ", 1)[-1], "see above"))
+    if problems:
+        raise DataError(problems)
+    return out
 
 
 @torch.no_grad()
@@ -472,8 +560,16 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
     base, tokenizer, model_path = load_causal_lm(cfg.model, device=device, log=say)
     rows = render_all(train_convs, tokenizer, cfg.data.max_length, cfg.data.system_prompt)
     eval_rows = render_all(eval_convs, tokenizer, cfg.data.max_length, cfg.data.system_prompt) if eval_convs else []
-    pairs = preference_pairs(pair_convs, tokenizer, cfg.data.max_length, cfg.data.system_prompt,
-                             cfg.train.preference_tokens)
+    in_batch = cfg.train.preference_weight > 0 and cfg.train.preference_in_batch
+    if in_batch:  # each paired row carries its rejected answer; no pair pool
+        rows = rows_with_rejected(train_convs, rows, tokenizer, cfg.data.max_length, cfg.data.system_prompt,
+                                  cfg.train.preference_tokens)
+        pairs = []
+        say(f"Preference term in the SFT pass on the {sum(r.rejected is not None for r in rows)} rows per epoch "
+            f"with a `rejected` answer (weight {cfg.train.preference_weight}, beta {cfg.train.preference_beta}).")
+    else:
+        pairs = preference_pairs(pair_convs, tokenizer, cfg.data.max_length, cfg.data.system_prompt,
+                                 cfg.train.preference_tokens)
     pair_order = list(range(len(pairs)))
     random.Random(cfg.train.seed).shuffle(pair_order)
     pairs_per_step = cfg.train.preference_pairs or max(1, cfg.train.batch_size // 2)
@@ -487,8 +583,10 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
     use_fast_dropout(model)  # nn.Dropout's CPU sampler costs as much as the matmuls it feeds
     if accelerator.mixed_precision in ("bf16", "fp16"):
         keep_lora_inputs_in_compute_dtype(model)  # autocast computes the adapters in bf16 anyway
-    if cfg.train.packing:
-        use_packed_attention(model)  # attention per packed conversation, not over the whole row
+    # Attention per packed conversation, not over the whole row.
+    if cfg.train.packing and not use_packed_attention(model) and in_batch:
+        raise TrainError("train.preference_in_batch needs tinysft's packed attention, which this model's "
+                         "architecture does not use; set train.preference_in_batch=false (a separate pair pass).")
 
     if is_main:
         import yaml
@@ -665,8 +763,10 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
                 # divided by the global token count, times `world` because DDP averages gradients
                 # over ranks. So 2 processes x grad_accum A == 1 process x grad_accum 2A.
                 # With train.answer_start_weight the "count" is the total weight of the step's tokens.
-                counts = accelerator.reduce(torch.tensor([float(sum(loss_weight(b) for b in group))], device=device), "sum")
+                counts = accelerator.reduce(torch.tensor([float(sum(loss_weight(b) for b in group)),
+                                                          float(sum(b.n_pairs for b in group))], device=device), "sum")
                 n_step_tokens = max(float(counts[0]), 1.0)
+                n_step_pairs = max(float(counts[1]), 1.0)  # in-row pairs: the term is their mean over the step
                 step_loss = torch.zeros((), device=device)
                 # Each micro-batch runs as pieces of <= pass_tokens tokens (whole conversations): the
                 # same gradients, with activation memory set by the piece instead of the batch.
@@ -687,8 +787,16 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
                     sync = j == len(pieces) - 1
                     accelerator.sync_gradients = sync  # DeepSpeed steps its engine only on the last one
                     with (accelerator.no_sync(model) if not sync else contextlib.nullcontext()), autocast():
-                        loss_sum, _n = causal_lm_loss(model, b, token_weights(b))
-                        loss = loss_sum * (world / n_step_tokens)
+                        if in_batch:
+                            loss_sum, _n, pref_sum = lm_and_pair_loss(model, b, token_weights(b),
+                                                                      cfg.train.preference_beta)
+                            loss = (loss_sum * (world / n_step_tokens)
+                                    + pref_sum * (cfg.train.preference_weight * world / n_step_pairs))
+                            window_pref += float(pref_sum.detach())
+                            window_pref_n += b.n_pairs
+                        else:
+                            loss_sum, _n = causal_lm_loss(model, b, token_weights(b))
+                            loss = loss_sum * (world / n_step_tokens)
                     accelerator.backward(loss)
                     step_loss += loss_sum.detach().float()
                     seen_tokens += b.n_tokens

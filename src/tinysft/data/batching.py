@@ -22,13 +22,21 @@ class Batch:
     labels: torch.Tensor  # (B, T), -100 where not trained
     attention_mask: torch.Tensor | None  # (B, T) 1 = real token; None for packed rows
     position_ids: torch.Tensor  # (B, T); restarts at 0 for each packed conversation
-    n_tokens: int  # real (non-padding) tokens
+    n_tokens: int  # real (non-padding) tokens of the conversations (rejected branches not counted)
     n_trained: int  # tokens with a loss
+    # Packed rows with rejected branches (``pack``): per position t, the token that the hidden state
+    # at t scores for a pair's chosen side / rejected side (IGNORE elsewhere), and the pair count.
+    chosen_targets: torch.Tensor | None = None  # (1, T)
+    rejected_targets: torch.Tensor | None = None  # (1, T)
+    n_pairs: int = 0
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(self.input_ids.to(device), self.labels.to(device),
-                     None if self.attention_mask is None else self.attention_mask.to(device),
-                     self.position_ids.to(device), self.n_tokens, self.n_trained)
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return Batch(self.input_ids.to(device), self.labels.to(device), move(self.attention_mask),
+                     self.position_ids.to(device), self.n_tokens, self.n_trained, move(self.chosen_targets),
+                     move(self.rejected_targets), self.n_pairs)
 
 
 def _labels(r: Rendered) -> list[int]:
@@ -58,16 +66,45 @@ def pack(rows: list[Rendered], pad_id: int) -> Batch:
     training) splits the row at the same places. Labels at each boundary are already safe: the
     first token of a conversation is never trained (it is template text), so no target crosses.
     ``pad_id`` is unused (a packed row has no padding); it keeps the signature of ``collate``.
+
+    A row with a ``rejected`` answer is followed by a *branch*: the rejected tokens, with position
+    ids that continue from the prompt (where the last answer starts) instead of restarting at 0.
+    ``models.packed_attention`` lets a branch attend to its conversation's prompt and to itself,
+    so the rejected answer is scored in the prompt's context at the cost of its own tokens only;
+    the chosen side is the conversation's own answer, already in the row. The branch is not in the
+    SFT loss; ``chosen_targets`` / ``rejected_targets`` say which positions score which pair token.
     """
     ids: list[int] = []
     labels: list[int] = []
     pos: list[int] = []
+    chosen: list[int] = []
+    rejected: list[int] = []
+    n_pairs = 0
     for r in rows:
+        base = len(ids)
         ids.extend(r.input_ids)
         labels.extend(_labels(r))
         pos.extend(range(len(r.input_ids)))
-    return Batch(torch.tensor([ids]), torch.tensor([labels]), None, torch.tensor([pos]), len(ids),
-                 sum(r.n_trained for r in rows))
+        chosen.extend([IGNORE] * len(r.input_ids))
+        rejected.extend([IGNORE] * len(r.input_ids))
+        if r.rejected:
+            start = r.last_answer_start()  # the position before it predicts both answers' first token
+            for j in range(r.pair_tokens):
+                chosen[base + start - 1 + j] = r.input_ids[start + j]
+            rejected[base + start - 1] = r.rejected[0]
+            branch = r.rejected[:-1]  # its last token is only a target
+            ids.extend(branch)
+            labels.extend([IGNORE] * len(branch))
+            pos.extend(range(start, start + len(branch)))
+            chosen.extend([IGNORE] * len(branch))
+            rejected.extend(r.rejected[1:])
+            n_pairs += 1
+    if not n_pairs:
+        return Batch(torch.tensor([ids]), torch.tensor([labels]), None, torch.tensor([pos]), len(ids),
+                     sum(r.n_trained for r in rows))
+    return Batch(torch.tensor([ids]), torch.tensor([labels]), None, torch.tensor([pos]),
+                 sum(len(r.input_ids) for r in rows), sum(r.n_trained for r in rows), torch.tensor([chosen]),
+                 torch.tensor([rejected]), n_pairs)
 
 
 def make_batches(rows: list[Rendered], batch_size: int, pad_id: int, *, packing: bool = False, seed: int = 0,
@@ -112,8 +149,14 @@ def split_batch(batch: Batch, max_tokens: int | None) -> list[Batch]:
     if not max_tokens or batch.n_tokens <= max_tokens:
         return [batch]
     if batch.attention_mask is None:  # packed rows: conversations start where position ids restart
-        spans = [(r, s, e) for r in range(batch.input_ids.shape[0])
-                 for s, e in _runs(batch.position_ids[r].tolist())]
+        spans = []
+        for r in range(batch.input_ids.shape[0]):
+            positions = batch.position_ids[r].tolist()
+            for s, e in _runs(positions):
+                if positions[s] != 0 and spans:  # a rejected branch stays with its conversation
+                    spans[-1] = (r, spans[-1][1], e)
+                else:
+                    spans.append((r, s, e))
     else:  # padded rows: each row is one conversation
         spans = [(r, 0, int(n)) for r, n in enumerate(batch.attention_mask.sum(-1).tolist())]
     pieces: list[list[tuple[int, int, int]]] = [[]]
@@ -127,17 +170,30 @@ def split_batch(batch: Batch, max_tokens: int | None) -> list[Batch]:
     out = []
     for piece in pieces:
         if batch.attention_mask is None:
-            ids = torch.cat([batch.input_ids[r, s:e] for r, s, e in piece])[None]
-            labels = torch.cat([batch.labels[r, s:e] for r, s, e in piece])[None]
-            pos = torch.cat([batch.position_ids[r, s:e] for r, s, e in piece])[None]
-            attn = None
+            def cut(t: torch.Tensor, piece: list[tuple[int, int, int]] = piece) -> torch.Tensor:
+                return torch.cat([t[r, s:e] for r, s, e in piece])[None]
+
+            ids, labels, pos, attn = cut(batch.input_ids), cut(batch.labels), cut(batch.position_ids), None
+            n_tokens = sum(_root_tokens(pos[0].tolist()))
+            if batch.rejected_targets is not None:
+                chosen, rejected = cut(batch.chosen_targets), cut(batch.rejected_targets)
+                n_pairs = len(set(((pos[0] == 0).cumsum(0)[rejected[0] != IGNORE]).tolist()))
+                out.append(Batch(ids, labels, None, pos, n_tokens, int((labels != IGNORE).sum()), chosen, rejected,
+                                 n_pairs))
+                continue
         else:
             rows = [r for r, _, _ in piece]
             width = max(e for _, _, e in piece)
             ids, labels = batch.input_ids[rows, :width], batch.labels[rows, :width]
             attn, pos = batch.attention_mask[rows, :width], batch.position_ids[rows, :width]
-        out.append(Batch(ids, labels, attn, pos, sum(e - s for _, s, e in piece), int((labels != IGNORE).sum())))
+            n_tokens = sum(e - s for _, s, e in piece)
+        out.append(Batch(ids, labels, attn, pos, n_tokens, int((labels != IGNORE).sum())))
     return out
+
+
+def _root_tokens(positions: list[int]) -> list[int]:
+    """Lengths of a packed row's conversations, without their rejected branches."""
+    return [e - s for s, e in _runs(positions) if positions[s] == 0]
 
 
 def answer_start_weights(labels: torch.Tensor, first: int, weight: float) -> torch.Tensor:

@@ -23,10 +23,25 @@ class Rendered:
     loss_mask: list[int]  # 1 where the token is a training target, aligned with input_ids
     source: str = ""
     truncated: bool = False
+    # A rejected alternative to the last answer, for a preference term computed in the same pass
+    # (``data.batching.pack`` lays it out as a branch sharing the prompt): its first tokens, and how
+    # many of the last answer's first tokens it is compared with.
+    rejected: list[int] | None = None
+    pair_tokens: int = 0
 
     @property
     def n_trained(self) -> int:
         return sum(self.loss_mask)
+
+    def last_answer_start(self) -> int:
+        """Index of the first token of the last trained run (the last answer); 0 if nothing is trained."""
+        mask = self.loss_mask
+        if not any(mask):
+            return 0
+        start = len(mask) - 1 - mask[::-1].index(1)
+        while start > 0 and mask[start - 1]:
+            start -= 1
+        return start
 
 
 def _template(tokenizer: Any, messages: list[Message], add_generation_prompt: bool) -> str:

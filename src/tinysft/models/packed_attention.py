@@ -10,6 +10,11 @@ on its own with ``is_causal=True``: the same numbers, with work proportional to 
 Everything that is not a packed training row (padding masks, a KV cache, generation) goes to
 transformers' own SDPA path unchanged, so a model switched to this implementation behaves exactly
 as with ``attn_implementation="sdpa"`` there.
+
+A segment whose position ids start above 0 is a *branch* of the conversation before it (a
+rejected answer laid out by ``data.batching.pack``): it attends to that conversation's first
+tokens (as many as its first position id) and to itself. transformers' own mask has no notion
+of branches, so rows with branches need this implementation (``use_packed_attention``).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 NAME = "tinysft_packed"
 
@@ -47,19 +53,36 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       position_ids=position_ids, **kwargs)
     gqa = query.shape[1] != key.shape[1]
+    starts = position_ids.expand(query.shape[0], -1)
     rows = []
     for b, cuts in enumerate(bounds):
         # split (not slicing): its backward is one cat, where each slice's backward would write a
         # row-sized zero tensor.
         sizes = [e - s for s, e in pairwise(cuts)]
-        # torch picks the kernel: on a CPU the flash kernel, which keeps only its output and
-        # log-sum-exp for backward. Measured (1 epoch of the benchmark set, bf16 on AMX): 4% faster
-        # and 100 MB less peak RSS than forcing the math kernel, which saves fp32 copies of q/k/v
-        # and of every conversation's (H, L, L) attention weights.
-        parts = [F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling, is_causal=True,
-                                                enable_gqa=gqa)
-                 for q, k, v in zip(query[b : b + 1].split(sizes, dim=2), key[b : b + 1].split(sizes, dim=2),
-                                    value[b : b + 1].split(sizes, dim=2), strict=True)]
+        first = starts[b, cuts[:-1]].tolist()  # each segment's first position id: 0, or a branch's offset
+        qs, ks, vs = (t[b : b + 1].split(sizes, dim=2) for t in (query, key, value))
+        parts = []
+        root = 0
+        for i, (q, k, v) in enumerate(zip(qs, ks, vs, strict=True)):
+            if first[i] == 0 or i == 0:
+                root = i
+                # torch picks the kernel: on a CPU the flash kernel, which keeps only its output and
+                # log-sum-exp for backward. Measured (1 epoch of the benchmark set, bf16 on AMX): 4%
+                # faster and 100 MB less peak RSS than forcing the math kernel, which saves fp32
+                # copies of q/k/v and of every conversation's (H, L, L) attention weights.
+                parts.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling,
+                                                            is_causal=True, enable_gqa=gqa))
+                continue
+            # A branch (see data.batching.pack): it continues its conversation's first first[i]
+            # tokens, so it attends to those and, causally, to itself.
+            p = first[i]
+            k = torch.cat([ks[root][:, :, :p], k], dim=2)
+            v = torch.cat([vs[root][:, :, :p], v], dim=2)
+            n = q.shape[2]
+            mask = torch.ones(n, p + n, dtype=torch.bool, device=q.device).tril(p)
+            with sdpa_kernel(SDPBackend.MATH):
+                parts.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling,
+                                                            enable_gqa=gqa))
         rows.append(torch.cat(parts, dim=2))  # (1, H, T, D)
     out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
     return out.transpose(1, 2).contiguous(), None
