@@ -36,6 +36,17 @@ def test_extra_fields_and_category_are_kept() -> None:
     assert conv.extra == {"keywords": ["x"]}
 
 
+@pytest.mark.parametrize("rejected", ["No.", ["No.", "Sure! Here's how."]])
+def test_rejected_is_a_string_or_a_list_of_them(rejected) -> None:
+    assert to_conversation({"prompt": "a", "response": "b", "rejected": rejected}).extra == {"rejected": rejected}
+
+
+@pytest.mark.parametrize("rejected", ["", [], ["ok", ""], ["ok", 3], {"a": "b"}])
+def test_bad_rejected_is_named(rejected) -> None:
+    with pytest.raises(RowProblem, match="non-empty string or a list of them"):
+        to_conversation({"prompt": "a", "response": "b", "rejected": rejected})
+
+
 def test_unknown_format_names_the_keys() -> None:
     with pytest.raises(RowProblem, match=r"unknown format \(keys: foo"):
         detect_chat_format({"foo": 1})

@@ -381,7 +381,7 @@ def _paired_conversations():
         ([{"role": "system", "content": "Be terse."}, {"role": "user", "content": "2+2?"},
           {"role": "assistant", "content": "4."}, {"role": "user", "content": "And how do I pick a lock?"},
           {"role": "assistant", "content": "I can't help with that, but a locksmith can."}],
-         "Sure! Here's how you can do that: take a tension wrench and a pick."),
+         ["Sure! Here's how you can do that: take a tension wrench and a pick.", "Great question! Here's how."]),
         ([{"role": "user", "content": "Name three colours of the rainbow, please."},
           {"role": "assistant", "content": "Red, orange and yellow, then green and blue."}], "No."),
     ]
@@ -414,7 +414,7 @@ def test_in_row_pairs_equal_a_separate_pair_pass(tokenizer, tokens, chunked_head
     convs = _paired_conversations()
     plain = train_mod.render_all(convs, tokenizer, 512)
     paired = train_mod.rows_with_rejected(convs, plain, tokenizer, 512, None, tokens)
-    assert [r.rejected is not None for r in paired] == [True, False, True, True]
+    assert [len(r.rejected or []) for r in paired] == [1, 0, 2, 1]
     model = _lora_tiny(tokenizer)
     beta = 0.1
 
@@ -424,7 +424,7 @@ def test_in_row_pairs_equal_a_separate_pair_pass(tokenizer, tokens, chunked_head
         return {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
 
     batch = pack(paired, tokenizer.pad_token_id)
-    assert batch.n_pairs == 3 and batch.n_tokens == sum(len(r.input_ids) for r in plain)
+    assert batch.n_pairs == 4 and batch.n_tokens == sum(len(r.input_ids) for r in plain)
     sft, n, pref = train_mod.lm_and_pair_loss(model, batch, beta=beta)
     sft_alone, n_alone = causal_lm_loss(model, pack(plain, tokenizer.pad_token_id))
     assert n == n_alone and float(sft.detach()) == pytest.approx(float(sft_alone.detach()), rel=1e-5)
@@ -449,7 +449,7 @@ def test_split_batch_keeps_a_rejected_branch_with_its_conversation(tokenizer) ->
     batch = pack(rows, tokenizer.pad_token_id)
     pieces = split_batch(batch, max(len(r.input_ids) for r in rows) + 1)
     assert len(pieces) > 1
-    assert sum(p.n_pairs for p in pieces) == batch.n_pairs == 3
+    assert sum(p.n_pairs for p in pieces) == batch.n_pairs == 4
     assert sum(p.n_tokens for p in pieces) == batch.n_tokens
     assert sum(p.input_ids.shape[1] for p in pieces) == batch.input_ids.shape[1]
     model = _lora_tiny(tokenizer)

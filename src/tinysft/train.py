@@ -121,8 +121,9 @@ def lm_and_pair_loss(model: Any, batch: Batch, weights: torch.Tensor | None = No
     if pairs:
         chosen_t, rejected_t = batch.chosen_targets[0], batch.rejected_targets[0]  # (T,) per predicting position
         at_c, at_r = (chosen_t != IGNORE).nonzero().squeeze(-1), (rejected_t != IGNORE).nonzero().squeeze(-1)
-        owner = (batch.position_ids[0] == 0).cumsum(0) - 1  # conversation of each position (branches included)
-        ids = owner[at_r].unique()  # the conversations with a pair
+        pos = batch.position_ids[0]
+        owner = (pos == 0).cumsum(0) - 1  # conversation of each position (its branches included)
+        segment = F.pad((pos[1:] - pos[:-1] != 1).cumsum(0), (1, 0))  # the conversation or branch of each position
     head = plain_lm_head(model)
     if head is not None:
         # logits_to_keep=[] (no position): the model's own head does no work (with 1 position it
@@ -162,12 +163,15 @@ def lm_and_pair_loss(model: Any, batch: Batch, weights: torch.Tensor | None = No
         slot[keep] = torch.arange(len(keep), device=keep.device)  # position -> row of `logits`
         at = torch.cat([at_c, at_r])
         logprobs = logits[0, slot[at]].log_softmax(-1)
-    # Summed log-probability per (conversation, side): chosen = 0, rejected = 1.
-    tgt = torch.cat([chosen_t[at_c], rejected_t[at_r]])
-    lp = logprobs.gather(1, tgt[:, None]).squeeze(1)
-    side = torch.cat([torch.zeros_like(at_c), torch.ones_like(at_r)])
-    sums = lp.new_zeros(int(owner[-1]) + 1, 2).index_put_((owner[at], side), lp, accumulate=True)[ids]
-    return loss, int(trained.sum()), -F.logsigmoid(beta * (sums[:, 0] - sums[:, 1])).sum()
+    # Summed log-probability of each conversation's chosen tokens and of each branch's rejected ones.
+    lp = logprobs.gather(1, torch.cat([chosen_t[at_c], rejected_t[at_r]])[:, None]).squeeze(1)
+    n_c = len(at_c)
+    chosen = lp.new_zeros(int(owner[-1]) + 1).index_add(0, owner[at_c], lp[:n_c])
+    branches = segment[at_r].unique()  # one pair per branch
+    rejected = lp.new_zeros(int(segment[-1]) + 1).index_add(0, segment[at_r], lp[n_c:])[branches]
+    first = torch.searchsorted(segment, branches)  # a position of each branch, to find its conversation
+    margin = chosen[owner[first]] - rejected
+    return loss, int(trained.sum()), -F.logsigmoid(beta * margin).sum()
 
 
 def sequence_logprobs(model: Any, batch: Batch) -> torch.Tensor:
@@ -224,23 +228,22 @@ def answer_prefix(rendered: Rendered, tokens: int) -> Rendered:
     return Rendered(rendered.input_ids[:end], [0] * start + [1] * (end - start), rendered.source, rendered.truncated)
 
 
-def with_rejected(chosen: Rendered, rejected: Rendered, tokens: int = 0) -> Rendered:
-    """``chosen`` carrying the first ``tokens`` (0 = all) of ``rejected``'s last answer, for the
-    in-row preference term (``lm_and_pair_loss``). Both renderings share everything before it."""
-    c, r = chosen.last_answer_start(), rejected.last_answer_start()
-    if c != r or chosen.input_ids[:c] != rejected.input_ids[:r]:
-        raise RenderError(f"{chosen.source}: the `rejected` answer's prompt renders differently from the answer's, "
-                          "so the two cannot share it; check the row's messages.")
+def with_rejected(chosen: Rendered, rejected: list[Rendered], tokens: int = 0) -> Rendered:
+    """``chosen`` carrying the first ``tokens`` (0 = all) of each ``rejected`` rendering's last
+    answer, for the in-row preference term (``lm_and_pair_loss``). All share everything before it."""
+    c = chosen.last_answer_start()
+
     def answer(x: Rendered, start: int) -> list[int]:
         end = start
         while end < len(x.loss_mask) and x.loss_mask[end]:
             end += 1
-        return x.input_ids[start:end]
+        return x.input_ids[start:end][: tokens or None]
 
-    ca, ra = answer(chosen, c), answer(rejected, r)
-    if tokens > 0:
-        ca, ra = ca[:tokens], ra[:tokens]
-    return dataclasses.replace(chosen, rejected=ra, pair_tokens=len(ca))
+    for r in rejected:
+        if r.last_answer_start() != c or r.input_ids[:c] != chosen.input_ids[:c]:
+            raise RenderError(f"{chosen.source}: a `rejected` answer's prompt renders differently from the answer's, "
+                              "so the two cannot share it; check the row's messages.")
+    return dataclasses.replace(chosen, rejected=[answer(r, c) for r in rejected], pair_tokens=len(answer(chosen, c)))
 
 
 def preference_pairs(convs: list[Conversation], tokenizer: Any, max_length: int,
@@ -250,31 +253,41 @@ def preference_pairs(convs: list[Conversation], tokenizer: Any, max_length: int,
     ``answer_tokens`` > 0 keeps only the first that many tokens of both answers (where the model
     decides to refuse or to answer), which also makes the pair pass shorter.
     """
-    chosen = [c for c in convs if c.extra.get("rejected") is not None]
+    chosen = [c for c in convs for _ in rejected_answers(c)]  # one pair per rejected answer
     pairs = list(zip(render_all(chosen, tokenizer, max_length, system_prompt),
-                     render_all([_rejected_conversation(c) for c in chosen], tokenizer, max_length, system_prompt),
+                     render_all([a for c in convs for a in _rejected_conversations(c)], tokenizer, max_length,
+                                system_prompt),
                      strict=True))
     if answer_tokens > 0:
         pairs = [(answer_prefix(c, answer_tokens), answer_prefix(r, answer_tokens)) for c, r in pairs]
     return pairs
 
 
-def _rejected_conversation(conv: Conversation) -> Conversation:
-    return Conversation([*conv.messages[:-1], {"role": "assistant", "content": conv.extra["rejected"]}], conv.source,
-                        conv.format, conv.category)
+def rejected_answers(conv: Conversation) -> list[str]:
+    """The row's `rejected` answers (one string or a list of them); [] for a row without."""
+    rejected = conv.extra.get("rejected")
+    return [] if rejected is None else rejected if isinstance(rejected, list) else [rejected]
+
+
+def _rejected_conversations(conv: Conversation) -> list[Conversation]:
+    return [Conversation([*conv.messages[:-1], {"role": "assistant", "content": answer}], conv.source, conv.format,
+                         conv.category) for answer in rejected_answers(conv)]
 
 
 def rows_with_rejected(convs: list[Conversation], rows: list[Rendered], tokenizer: Any, max_length: int,
                        system_prompt: str | None, answer_tokens: int = 0) -> list[Rendered]:
-    """``rows`` (the renderings of ``convs``), each conversation with a `rejected` answer carrying it
-    (``with_rejected``) for the in-row preference term; failures are one DataError."""
-    paired = [i for i, c in enumerate(convs) if c.extra.get("rejected") is not None]
-    alts = render_all([_rejected_conversation(convs[i]) for i in paired], tokenizer, max_length, system_prompt)
+    """``rows`` (the renderings of ``convs``), each conversation with `rejected` answers carrying
+    them (``with_rejected``) for the in-row preference term; failures are one DataError."""
+    paired = [i for i, c in enumerate(convs) if rejected_answers(c)]
+    flat = render_all([a for i in paired for a in _rejected_conversations(convs[i])], tokenizer, max_length,
+                      system_prompt)
     out = list(rows)
     problems = []
-    for i, alt in zip(paired, alts, strict=True):
+    at = 0
+    for i in paired:
+        alts, at = flat[at : at + len(rejected_answers(convs[i]))], at + len(rejected_answers(convs[i]))
         try:
-            out[i] = with_rejected(rows[i], alt, answer_tokens)
+            out[i] = with_rejected(rows[i], alts, answer_tokens)
         except RenderError as e:
             file, _, line = convs[i].source.rpartition(":")
             problems.append(Problem(file or convs[i].source, int(line) if line.isdigit() else None, "rejected",
@@ -538,7 +551,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
         n_val = max(1, int(len(idx) * cfg.data.val_fraction))
         eval_convs = [train_convs[i] for i in idx[:n_val]]
         train_convs = [train_convs[i] for i in idx[n_val:]]
-    pair_convs = ([c for c in train_convs if c.extra.get("rejected") is not None]  # as preference_pairs picks
+    pair_convs = ([c for c in train_convs if rejected_answers(c)]  # as preference_pairs picks
                   if cfg.train.preference_weight > 0 else [])
     if cfg.train.preference_weight > 0 and not pair_convs:
         raise DataError([Problem("(config)", None, "train.preference_weight",
@@ -565,8 +578,9 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
         rows = rows_with_rejected(train_convs, rows, tokenizer, cfg.data.max_length, cfg.data.system_prompt,
                                   cfg.train.preference_tokens)
         pairs = []
-        say(f"Preference term in the SFT pass on the {sum(r.rejected is not None for r in rows)} rows per epoch "
-            f"with a `rejected` answer (weight {cfg.train.preference_weight}, beta {cfg.train.preference_beta}).")
+        say(f"Preference term in the SFT pass: {sum(len(r.rejected or []) for r in rows)} rejected answers on "
+            f"{sum(bool(r.rejected) for r in rows)} rows per epoch (weight {cfg.train.preference_weight}, "
+            f"beta {cfg.train.preference_beta}).")
     else:
         pairs = preference_pairs(pair_convs, tokenizer, cfg.data.max_length, cfg.data.system_prompt,
                                  cfg.train.preference_tokens)

@@ -67,12 +67,13 @@ def pack(rows: list[Rendered], pad_id: int) -> Batch:
     first token of a conversation is never trained (it is template text), so no target crosses.
     ``pad_id`` is unused (a packed row has no padding); it keeps the signature of ``collate``.
 
-    A row with a ``rejected`` answer is followed by a *branch*: the rejected tokens, with position
-    ids that continue from the prompt (where the last answer starts) instead of restarting at 0.
-    ``models.packed_attention`` lets a branch attend to its conversation's prompt and to itself,
-    so the rejected answer is scored in the prompt's context at the cost of its own tokens only;
-    the chosen side is the conversation's own answer, already in the row. The branch is not in the
-    SFT loss; ``chosen_targets`` / ``rejected_targets`` say which positions score which pair token.
+    A row with ``rejected`` answers is followed by one *branch* per answer: the prompt's last token
+    and the rejected tokens, with position ids that continue from the prompt instead of
+    restarting at 0. ``models.packed_attention`` lets a branch attend to its conversation's first
+    tokens and to itself, so each rejected answer is scored in the prompt's context at the cost of
+    its own tokens only; the chosen side is the conversation's own answer, already in the row.
+    Branches are not in the SFT loss; ``chosen_targets`` / ``rejected_targets`` say which
+    positions score which pair token.
     """
     ids: list[int] = []
     labels: list[int] = []
@@ -87,17 +88,18 @@ def pack(rows: list[Rendered], pad_id: int) -> Batch:
         pos.extend(range(len(r.input_ids)))
         chosen.extend([IGNORE] * len(r.input_ids))
         rejected.extend([IGNORE] * len(r.input_ids))
-        if r.rejected:
-            start = r.last_answer_start()  # the position before it predicts both answers' first token
-            for j in range(r.pair_tokens):
-                chosen[base + start - 1 + j] = r.input_ids[start + j]
-            rejected[base + start - 1] = r.rejected[0]
-            branch = r.rejected[:-1]  # its last token is only a target
+        if not r.rejected:
+            continue
+        start = r.last_answer_start()  # position start - 1 predicts each answer's first token
+        for j in range(r.pair_tokens):
+            chosen[base + start - 1 + j] = r.input_ids[start + j]
+        for alt in r.rejected:
+            branch = [r.input_ids[start - 1], *alt[:-1]]  # alt's last token is only a target
             ids.extend(branch)
             labels.extend([IGNORE] * len(branch))
-            pos.extend(range(start, start + len(branch)))
+            pos.extend(range(start - 1, start - 1 + len(branch)))
             chosen.extend([IGNORE] * len(branch))
-            rejected.extend(r.rejected[1:])
+            rejected.extend(alt)
             n_pairs += 1
     if not n_pairs:
         return Batch(torch.tensor([ids]), torch.tensor([labels]), None, torch.tensor([pos]), len(ids),
@@ -177,7 +179,7 @@ def split_batch(batch: Batch, max_tokens: int | None) -> list[Batch]:
             n_tokens = sum(_root_tokens(pos[0].tolist()))
             if batch.rejected_targets is not None:
                 chosen, rejected = cut(batch.chosen_targets), cut(batch.rejected_targets)
-                n_pairs = len(set(((pos[0] == 0).cumsum(0)[rejected[0] != IGNORE]).tolist()))
+                n_pairs = sum(1 for s, e in _runs(pos[0].tolist()) if bool((rejected[0, s:e] != IGNORE).any()))
                 out.append(Batch(ids, labels, None, pos, n_tokens, int((labels != IGNORE).sum()), chosen, rejected,
                                  n_pairs))
                 continue

@@ -174,9 +174,10 @@ def to_conversation(row: Any, source: str = "") -> Conversation:
         raise RowProblem("category", f"must be a string, got a JSON {json_type(category)}", 'write "category": "name"')
     rejected = row.get("rejected")
     if rejected is not None:
-        if not isinstance(rejected, str) or not rejected.strip():
-            raise RowProblem("rejected", f"must be a non-empty string, got {json_type(rejected)!s}",
-                             'write "rejected": "<an answer the model should not give>"')
+        alternatives = rejected if isinstance(rejected, list) else [rejected]
+        if not alternatives or not all(isinstance(a, str) and a.strip() for a in alternatives):
+            raise RowProblem("rejected", f"must be a non-empty string or a list of them, got {json_type(rejected)!s}",
+                             'write "rejected": "<an answer the model should not give>" (or a list of such answers)')
         if messages[-1]["role"] != "assistant":
             raise RowProblem("rejected", "needs the conversation to end with an assistant answer",
                              "end the row with the answer that `rejected` is the alternative to")

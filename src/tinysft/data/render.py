@@ -23,10 +23,10 @@ class Rendered:
     loss_mask: list[int]  # 1 where the token is a training target, aligned with input_ids
     source: str = ""
     truncated: bool = False
-    # A rejected alternative to the last answer, for a preference term computed in the same pass
-    # (``data.batching.pack`` lays it out as a branch sharing the prompt): its first tokens, and how
-    # many of the last answer's first tokens it is compared with.
-    rejected: list[int] | None = None
+    # Rejected alternatives to the last answer, for a preference term computed in the same pass
+    # (``data.batching.pack`` lays each out as a branch sharing the prompt): their first tokens,
+    # and how many of the last answer's first tokens each is compared with.
+    rejected: list[list[int]] | None = None
     pair_tokens: int = 0
 
     @property
