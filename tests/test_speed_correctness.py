@@ -424,17 +424,18 @@ def test_in_row_pairs_equal_a_separate_pair_pass(tokenizer, tokens, chunked_head
         return {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
 
     batch = pack(paired, tokenizer.pad_token_id)
-    assert batch.n_pairs == 4 and batch.n_tokens == sum(len(r.input_ids) for r in plain)
+    assert batch.n_pairs == 3 and batch.n_tokens == sum(len(r.input_ids) for r in plain)
     sft, n, pref = train_mod.lm_and_pair_loss(model, batch, beta=beta)
     sft_alone, n_alone = causal_lm_loss(model, pack(plain, tokenizer.pad_token_id))
     assert n == n_alone and float(sft.detach()) == pytest.approx(float(sft_alone.detach()), rel=1e-5)
     in_row = grads(pref)
 
-    pairs = train_mod.preference_pairs(convs, tokenizer, 512, None, tokens)
-    separate = train_mod.preference_loss(model, [c for c, _ in pairs], [r for _, r in pairs], tokenizer.pad_token_id,
-                                         beta, torch.device("cpu")) * len(pairs)
+    # Each paired conversation is one example: the mean over its rejected answers (row 3 has two).
+    separate = sum(train_mod.preference_loss(model, [c for c, _ in pairs], [r for _, r in pairs],
+                                             tokenizer.pad_token_id, beta, torch.device("cpu"))
+                   for pairs in (train_mod.preference_pairs([c], tokenizer, 512, None, tokens) for c in convs) if pairs)
     assert float(pref.detach()) == pytest.approx(float(separate.detach()), rel=1e-5)
-    assert float(pref.detach()) != pytest.approx(len(pairs) * 0.6931, rel=1e-3)  # margins are not all 0
+    assert float(pref.detach()) != pytest.approx(3 * 0.6931, rel=1e-3)  # margins are not all 0
     for k, g in grads(separate).items():
         assert g.abs().sum() > 0, k
         torch.testing.assert_close(in_row[k], g, rtol=1e-4, atol=1e-6)
@@ -449,7 +450,7 @@ def test_split_batch_keeps_a_rejected_branch_with_its_conversation(tokenizer) ->
     batch = pack(rows, tokenizer.pad_token_id)
     pieces = split_batch(batch, max(len(r.input_ids) for r in rows) + 1)
     assert len(pieces) > 1
-    assert sum(p.n_pairs for p in pieces) == batch.n_pairs == 4
+    assert sum(p.n_pairs for p in pieces) == batch.n_pairs == 3
     assert sum(p.n_tokens for p in pieces) == batch.n_tokens
     assert sum(p.input_ids.shape[1] for p in pieces) == batch.input_ids.shape[1]
     model = _lora_tiny(tokenizer)

@@ -106,8 +106,9 @@ def causal_lm_loss(model: Any, batch: Batch, weights: torch.Tensor | None = None
 def lm_and_pair_loss(model: Any, batch: Batch, weights: torch.Tensor | None = None,
                      beta: float = 0.1) -> tuple[torch.Tensor, int, torch.Tensor]:
     """``causal_lm_loss`` plus, from the same forward pass, the preference term of the batch's
-    in-row pairs (rows packed with a rejected branch, ``data.batching.pack``): the sum over pairs
-    of -log sigmoid(beta * (log p(chosen) - log p(rejected))), 0 for a batch without pairs.
+    in-row pairs (rows packed with rejected branches, ``data.batching.pack``): the sum over those
+    rows of the mean over their rejected answers of -log sigmoid(beta * (log p(chosen) - log
+    p(rejected))); 0 for a batch without pairs.
 
     The chosen side is the conversation's own answer (its first ``pair_tokens`` tokens), the
     rejected side the branch, scored in the same prompt's context: the same numbers as
@@ -169,9 +170,11 @@ def lm_and_pair_loss(model: Any, batch: Batch, weights: torch.Tensor | None = No
     chosen = lp.new_zeros(int(owner[-1]) + 1).index_add(0, owner[at_c], lp[:n_c])
     branches = segment[at_r].unique()  # one pair per branch
     rejected = lp.new_zeros(int(segment[-1]) + 1).index_add(0, segment[at_r], lp[n_c:])[branches]
-    first = torch.searchsorted(segment, branches)  # a position of each branch, to find its conversation
-    margin = chosen[owner[first]] - rejected
-    return loss, int(trained.sum()), -F.logsigmoid(beta * margin).sum()
+    conv = owner[torch.searchsorted(segment, branches)]  # each branch's conversation (from its first position)
+    # A conversation with several rejected answers is one example: the mean of its pairs' terms.
+    per_conv = lp.new_zeros(len(chosen)).index_add(0, conv, torch.ones_like(rejected))
+    terms = -F.logsigmoid(beta * (chosen[conv] - rejected)) / per_conv[conv]
+    return loss, int(trained.sum()), terms.sum()
 
 
 def sequence_logprobs(model: Any, batch: Batch) -> torch.Tensor:

@@ -28,7 +28,7 @@ class Batch:
     # at t scores for a pair's chosen side / rejected side (IGNORE elsewhere), and the pair count.
     chosen_targets: torch.Tensor | None = None  # (1, T)
     rejected_targets: torch.Tensor | None = None  # (1, T)
-    n_pairs: int = 0
+    n_pairs: int = 0  # conversations with rejected branches (each one example of the preference term)
 
     def to(self, device: torch.device | str) -> Batch:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -100,7 +100,7 @@ def pack(rows: list[Rendered], pad_id: int) -> Batch:
             pos.extend(range(start - 1, start - 1 + len(branch)))
             chosen.extend([IGNORE] * len(branch))
             rejected.extend(alt)
-            n_pairs += 1
+        n_pairs += 1
     if not n_pairs:
         return Batch(torch.tensor([ids]), torch.tensor([labels]), None, torch.tensor([pos]), len(ids),
                      sum(r.n_trained for r in rows))
@@ -179,7 +179,7 @@ def split_batch(batch: Batch, max_tokens: int | None) -> list[Batch]:
             n_tokens = sum(_root_tokens(pos[0].tolist()))
             if batch.rejected_targets is not None:
                 chosen, rejected = cut(batch.chosen_targets), cut(batch.rejected_targets)
-                n_pairs = sum(1 for s, e in _runs(pos[0].tolist()) if bool((rejected[0, s:e] != IGNORE).any()))
+                n_pairs = len(set(((pos[0] == 0).cumsum(0)[rejected[0] != IGNORE]).tolist()))  # paired conversations
                 out.append(Batch(ids, labels, None, pos, n_tokens, int((labels != IGNORE).sum()), chosen, rejected,
                                  n_pairs))
                 continue
