@@ -461,3 +461,37 @@ def test_split_batch_keeps_a_rejected_branch_with_its_conversation(tokenizer) ->
     assert sum(float(p[2]) for p in parts) == pytest.approx(float(whole[2]), rel=1e-5)
     for p in pieces:  # every piece starts with a conversation, never with a branch
         assert int(p.position_ids[0, 0]) == 0
+
+
+def test_pool_pairs_appended_to_a_packed_batch_equal_their_own_pass(rows, tokenizer) -> None:
+    """Pool pairs as ``pair_only`` rows in the SFT pass give the separate pair pass's mean term and
+    gradients, and leave the SFT loss and its token counts as they are."""
+    import dataclasses
+
+    import tinysft.train as train_mod
+    from tinysft.data.batching import append_rows
+
+    convs = [c for c in _paired_conversations() if c.extra]
+    pairs = train_mod.preference_pairs(convs, tokenizer, 512, None, 4)
+    assert len(pairs) == 4  # row 3 has two rejected answers
+    pair_rows = [dataclasses.replace(train_mod.with_rejected(c, [r]), pair_only=True) for c, r in pairs]
+    model = _lora_tiny(tokenizer)
+    sft_batch = pack(rows, tokenizer.pad_token_id)
+    fused = append_rows(sft_batch, pair_rows)
+    assert (fused.n_tokens, fused.n_trained, fused.n_pairs) == (sft_batch.n_tokens, sft_batch.n_trained, 4)
+
+    def grads(loss: torch.Tensor) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+    sft, n, pref_sum = train_mod.lm_and_pair_loss(model, fused)
+    alone, n_alone = causal_lm_loss(model, sft_batch)
+    assert n == n_alone and float(sft.detach()) == pytest.approx(float(alone.detach()), rel=1e-5)
+    together = grads(sft + pref_sum / len(pairs))
+    separate = train_mod.preference_loss(model, [c for c, _ in pairs], [r for _, r in pairs], tokenizer.pad_token_id,
+                                         0.1, torch.device("cpu"), packing=True)
+    assert float(pref_sum.detach()) / len(pairs) == pytest.approx(float(separate.detach()), rel=1e-5)
+    apart = grads(causal_lm_loss(model, sft_batch)[0] + separate)
+    for k, g in apart.items():
+        torch.testing.assert_close(together[k], g, rtol=1e-4, atol=1e-6)

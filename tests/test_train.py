@@ -181,7 +181,7 @@ def test_preference_loss_widens_the_margin(tiny_model_dir, tokenizer) -> None:
     assert losses[-1] < losses[0], losses
 
 
-@pytest.mark.parametrize("extra", [[], ["train.preference_tokens=4", "train.preference_pairs=1"],
+@pytest.mark.parametrize("extra", [[], ["train.preference_tokens=4", "train.preference_pairs=1"], ["train.packing=false"],
                                    ["train.preference_in_batch=true"],
                                    ["train.preference_in_batch=true", "train.preference_tokens=4"]])
 def test_preference_term_is_trained_and_logged(tmp_path, tiny_model_dir, extra) -> None:

@@ -35,6 +35,7 @@ from tinysft.data.batching import (
     IGNORE,
     Batch,
     answer_start_weights,
+    append_rows,
     collate,
     make_batches,
     pack,
@@ -600,10 +601,15 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
     use_fast_dropout(model)  # nn.Dropout's CPU sampler costs as much as the matmuls it feeds
     if accelerator.mixed_precision in ("bf16", "fp16"):
         keep_lora_inputs_in_compute_dtype(model)  # autocast computes the adapters in bf16 anyway
-    # Attention per packed conversation, not over the whole row.
-    if cfg.train.packing and not use_packed_attention(model) and in_batch:
+    # Attention per packed conversation, not over the whole row; with it, pairs are scored as
+    # branches inside the SFT pass (in-batch pairs, or the step's pool pairs appended to its last piece).
+    packed_attention = cfg.train.packing and use_packed_attention(model)
+    if in_batch and not packed_attention:
         raise TrainError("train.preference_in_batch needs tinysft's packed attention, which this model's "
                          "architecture does not use; set train.preference_in_batch=false (a separate pair pass).")
+    pair_rows = ([dataclasses.replace(with_rejected(c, [r]), pair_only=True) for c, r in pairs]
+                 if packed_attention else [])
+    row_pairs = in_batch or bool(pair_rows)
 
     if is_main:
         import yaml
@@ -780,18 +786,22 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
                 # divided by the global token count, times `world` because DDP averages gradients
                 # over ranks. So 2 processes x grad_accum A == 1 process x grad_accum 2A.
                 # With train.answer_start_weight the "count" is the total weight of the step's tokens.
-                counts = accelerator.reduce(torch.tensor([float(sum(loss_weight(b) for b in group)),
-                                                          float(sum(b.n_pairs for b in group))], device=device), "sum")
-                n_step_tokens = max(float(counts[0]), 1.0)
-                n_step_pairs = max(float(counts[1]), 1.0)  # in-row pairs: the term is their mean over the step
-                step_loss = torch.zeros((), device=device)
                 # Each micro-batch runs as pieces of <= pass_tokens tokens (whole conversations): the
                 # same gradients, with activation memory set by the piece instead of the batch.
                 pieces = [piece for b in group for piece in split_batch(b, pass_tokens)]
                 if pairs:
                     # The same pairs on a resumed run: picked from the step number and rank alone.
                     first_pair = (step * world + rank) * pairs_per_step
-                    picked = [pairs[pair_order[(first_pair + j) % len(pairs)]] for j in range(pairs_per_step)]
+                    chosen_idx = [pair_order[(first_pair + j) % len(pairs)] for j in range(pairs_per_step)]
+                    if pair_rows:  # scored in the last piece's pass: only their prompts and tokens added
+                        pieces[-1] = append_rows(pieces[-1], [pair_rows[i] for i in chosen_idx])
+                counts = accelerator.reduce(torch.tensor([float(sum(loss_weight(b) for b in group)),
+                                                          float(sum(p.n_pairs for p in pieces))], device=device), "sum")
+                n_step_tokens = max(float(counts[0]), 1.0)
+                n_step_pairs = max(float(counts[1]), 1.0)  # in-row pairs: the term is their mean over the step
+                step_loss = torch.zeros((), device=device)
+                if pairs and not pair_rows:  # a pass of their own
+                    picked = [pairs[i] for i in chosen_idx]
                     accelerator.sync_gradients = False
                     with accelerator.no_sync(model), autocast():  # the SFT pass below syncs the step
                         pref = preference_loss(model, [c for c, _ in picked], [r for _, r in picked], pad_id,
@@ -804,7 +814,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
                     sync = j == len(pieces) - 1
                     accelerator.sync_gradients = sync  # DeepSpeed steps its engine only on the last one
                     with (accelerator.no_sync(model) if not sync else contextlib.nullcontext()), autocast():
-                        if in_batch:
+                        if row_pairs:
                             loss_sum, _n, pref_sum = lm_and_pair_loss(model, b, token_weights(b),
                                                                       cfg.train.preference_beta)
                             loss = (loss_sum * (world / n_step_tokens)

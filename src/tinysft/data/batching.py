@@ -84,7 +84,7 @@ def pack(rows: list[Rendered], pad_id: int) -> Batch:
     for r in rows:
         base = len(ids)
         ids.extend(r.input_ids)
-        labels.extend(_labels(r))
+        labels.extend([IGNORE] * len(r.input_ids) if r.pair_only else _labels(r))
         pos.extend(range(len(r.input_ids)))
         chosen.extend([IGNORE] * len(r.input_ids))
         rejected.extend([IGNORE] * len(r.input_ids))
@@ -101,12 +101,29 @@ def pack(rows: list[Rendered], pad_id: int) -> Batch:
             chosen.extend([IGNORE] * len(branch))
             rejected.extend(alt)
         n_pairs += 1
+    sft = [r for r in rows if not r.pair_only]
     if not n_pairs:
-        return Batch(torch.tensor([ids]), torch.tensor([labels]), None, torch.tensor([pos]), len(ids),
-                     sum(r.n_trained for r in rows))
+        return Batch(torch.tensor([ids]), torch.tensor([labels]), None, torch.tensor([pos]),
+                     sum(len(r.input_ids) for r in sft), sum(r.n_trained for r in sft))
     return Batch(torch.tensor([ids]), torch.tensor([labels]), None, torch.tensor([pos]),
-                 sum(len(r.input_ids) for r in rows), sum(r.n_trained for r in rows), torch.tensor([chosen]),
+                 sum(len(r.input_ids) for r in sft), sum(r.n_trained for r in sft), torch.tensor([chosen]),
                  torch.tensor([rejected]), n_pairs)
+
+
+def append_rows(batch: Batch, rows: list[Rendered]) -> Batch:
+    """A packed batch with ``rows`` packed after its own (e.g. ``pair_only`` rows: pairs from a pool
+    scored in the same pass). ``n_tokens`` / ``n_trained`` count SFT rows only, as in ``pack``."""
+    extra = pack(rows, 0)
+
+    def targets(b: Batch, t: torch.Tensor | None) -> torch.Tensor:
+        return torch.full_like(b.input_ids, IGNORE) if t is None else t
+
+    return Batch(torch.cat([batch.input_ids, extra.input_ids], 1), torch.cat([batch.labels, extra.labels], 1), None,
+                 torch.cat([batch.position_ids, extra.position_ids], 1), batch.n_tokens + extra.n_tokens,
+                 batch.n_trained + extra.n_trained,
+                 torch.cat([targets(batch, batch.chosen_targets), targets(extra, extra.chosen_targets)], 1),
+                 torch.cat([targets(batch, batch.rejected_targets), targets(extra, extra.rejected_targets)], 1),
+                 batch.n_pairs + extra.n_pairs)
 
 
 def make_batches(rows: list[Rendered], batch_size: int, pad_id: int, *, packing: bool = False, seed: int = 0,

@@ -28,6 +28,7 @@ class Rendered:
     # and how many of the last answer's first tokens each is compared with.
     rejected: list[list[int]] | None = None
     pair_tokens: int = 0
+    pair_only: bool = False  # in the preference term only, not in the SFT loss (a pair from a pool)
 
     @property
     def n_trained(self) -> int:

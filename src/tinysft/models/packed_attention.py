@@ -64,8 +64,8 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         parts = []
         root = 0
         for i, (q, k, v) in enumerate(zip(qs, ks, vs, strict=True)):
-            if first[i] == 0 or i == 0:
-                root = i
+            branched = i + 1 < len(first) and first[i + 1] > 0  # rejected branches read this one's keys
+            if (first[i] == 0 or i == 0) and not branched:
                 # torch picks the kernel: on a CPU the flash kernel, which keeps only its output and
                 # log-sum-exp for backward. Measured (1 epoch of the benchmark set, bf16 on AMX): 4%
                 # faster and 100 MB less peak RSS than forcing the math kernel, which saves fp32
@@ -73,16 +73,24 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
                 parts.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling,
                                                             is_causal=True, enable_gqa=gqa))
                 continue
-            # A branch (see data.batching.pack): it continues its conversation's first first[i]
-            # tokens, so it attends to those and, causally, to itself.
-            p = first[i]
-            k = torch.cat([ks[root][:, :, :p], k], dim=2)
-            v = torch.cat([vs[root][:, :, :p], v], dim=2)
-            n = q.shape[2]
-            mask = torch.ones(n, p + n, dtype=torch.bool, device=q.device).tril(p)
+            # Conversations with branches, and branches, on the math kernel. Measured in training
+            # (15 steps of the demo recipe): the CPU flash kernel's backward took ~3 ms per call on
+            # these segments against ~1 ms on others (cause not found), so the pairs made the pass
+            # slower than a pass of their own; on the math kernel they cost what their tokens cost.
+            mask = None
+            if first[i] > 0 and i > 0:
+                # A branch (see data.batching.pack): it continues its conversation's first first[i]
+                # tokens, so it attends to those and, causally, to itself.
+                p = first[i]
+                k = torch.cat([ks[root][:, :, :p], k], dim=2)
+                v = torch.cat([vs[root][:, :, :p], v], dim=2)
+                n = q.shape[2]
+                mask = torch.ones(n, p + n, dtype=torch.bool, device=q.device).tril(p)
+            else:
+                root = i
             with sdpa_kernel(SDPBackend.MATH):
                 parts.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling,
-                                                            enable_gqa=gqa))
+                                                            is_causal=mask is None, enable_gqa=gqa))
         rows.append(torch.cat(parts, dim=2))  # (1, H, T, D)
     out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
     return out.transpose(1, 2).contiguous(), None
