@@ -180,6 +180,14 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     **{f"r4len-mixed-pref-t8-s{seed}": {"train": {**PREF_T8, "seed": seed}, "lora": ALL,
                                         "data": {"category_weights": R4LEN}}
        for seed in (7, 11)},
+    # The demo recipe after its pool pairs moved into the SFT pass (same config and math, other
+    # float rounding and dropout draws): more samples of its run-to-run spread.
+    **{f"r4len-fused-t8-s{seed}": {"train": {**PREF_T8, "seed": seed}, "lora": ALL, "data": {"category_weights": R4LEN}}
+       for seed in (7, 11)},
+    # Twice the pool pairs per step (8): more prompts whose refuse-or-answer decision is trained.
+    **{f"r4len-t8-p8{suffix}": {"train": {**PREF_T8, "preference_pairs": 8, **extra}, "lora": ALL,
+                                "data": {"category_weights": R4LEN}}
+       for suffix, extra in (("", {}), ("-s7", {"seed": 7}))},
     # The pairs from the batch itself, scored in the SFT pass (train.preference_in_batch): they follow
     # the category weights (~5 per step instead of 4 from a pool) and cost only the rejected tokens.
     **{f"r4len-ib-t8{suffix}": {"train": {**PREF_IB, **extra}, "lora": ALL, "data": {"category_weights": R4LEN}}
