@@ -188,6 +188,10 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     **{f"r4len-t8-p8{suffix}": {"train": {**PREF_T8, "preference_pairs": 8, **extra}, "lora": ALL,
                                 "data": {"category_weights": R4LEN}}
        for suffix, extra in (("", {}), ("-s7", {"seed": 7}))},
+    # Two epochs at half the learning rate: the same rows twice, a longer, gentler schedule.
+    **{f"r4len-t8-e2{suffix}": {"train": {**PREF_T8, "epochs": 2, "learning_rate": 5e-4, **extra}, "lora": ALL,
+                                "data": {"category_weights": R4LEN}}
+       for suffix, extra in (("", {}), ("-s7", {"seed": 7}))},
     # The pairs from the batch itself, scored in the SFT pass (train.preference_in_batch): they follow
     # the category weights (~5 per step instead of 4 from a pool) and cost only the rejected tokens.
     **{f"r4len-ib-t8{suffix}": {"train": {**PREF_IB, **extra}, "lora": ALL, "data": {"category_weights": R4LEN}}
