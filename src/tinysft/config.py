@@ -146,7 +146,8 @@ class TrainConfig:
     """Pairs are the batch's own rows with a `rejected` answer (so they follow data.category_weights),
     scored in the SFT pass itself: each rejected answer is a branch of its packed conversation,
     sharing the prompt, so the term costs only the rejected tokens. Needs train.packing.
-    False = train.preference_pairs pairs per step from all such rows, in a pass of their own."""
+    False = train.preference_pairs pairs per step drawn from all such rows (also scored inside the
+    SFT pass, as extra pair-only rows, where tinysft's packed attention is on; else in a pass of their own)."""
     log_every: int = 5
     """Optimizer steps between log lines in metrics.jsonl."""
     eval_every: int = 0
