@@ -73,6 +73,13 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+def _render_problem(conv: Conversation, field: str, error: RenderError) -> Problem:
+    """A RenderError of ``conv`` as a DataError entry at its FILE:LINE."""
+    file, _, line = conv.source.rpartition(":")
+    return Problem(file or conv.source, int(line) if line.isdigit() else None, field, str(error).split(": ", 1)[-1],
+                   "see above")
+
+
 def render_all(convs: list[Conversation], tokenizer: Any, max_length: int, system_prompt: str | None = None) -> list[Rendered]:
     """Render every conversation; all failures are collected into one DataError."""
     out, problems = [], []
@@ -80,9 +87,7 @@ def render_all(convs: list[Conversation], tokenizer: Any, max_length: int, syste
         try:
             out.append(render(c, tokenizer, max_length, system_prompt))
         except RenderError as e:
-            file, _, line = c.source.rpartition(":")
-            problems.append(Problem(file or c.source, int(line) if line.isdigit() else None, "messages",
-                                    str(e).split(": ", 1)[-1], "see above"))
+            problems.append(_render_problem(c, "messages", e))
     if problems:
         raise DataError(problems)
     return out
@@ -160,7 +165,7 @@ def lm_and_pair_loss(model: Any, batch: Batch, weights: torch.Tensor | None = No
             per_token = per_token * F.pad(weights[:, 1:], (0, 1))[:, keep].reshape(-1)
         loss = per_token.sum()
         if not pairs:
-            return loss, int((tgt != IGNORE).sum()), zero
+            return loss, int(trained.sum()), zero
         slot = torch.full_like(chosen_t, -1)
         slot[keep] = torch.arange(len(keep), device=keep.device)  # position -> row of `logits`
         at = torch.cat([at_c, at_r])
@@ -225,29 +230,24 @@ def answer_prefix(rendered: Rendered, tokens: int) -> Rendered:
     are trained (earlier answers are shared by chosen and rejected, so their terms cancel)."""
     if not any(rendered.loss_mask):
         return rendered
-    start = rendered.last_answer_start()
-    end = start
-    while end < len(rendered.loss_mask) and rendered.loss_mask[end] and end - start < tokens:
-        end += 1
+    start, end = rendered.last_answer()
+    end = min(end, start + tokens)
     return Rendered(rendered.input_ids[:end], [0] * start + [1] * (end - start), rendered.source, rendered.truncated)
 
 
 def with_rejected(chosen: Rendered, rejected: list[Rendered], tokens: int = 0) -> Rendered:
     """``chosen`` carrying the first ``tokens`` (0 = all) of each ``rejected`` rendering's last
     answer, for the in-row preference term (``lm_and_pair_loss``). All share everything before it."""
-    c = chosen.last_answer_start()
-
-    def answer(x: Rendered, start: int) -> list[int]:
-        end = start
-        while end < len(x.loss_mask) and x.loss_mask[end]:
-            end += 1
+    def answer(x: Rendered) -> list[int]:
+        start, end = x.last_answer()
         return x.input_ids[start:end][: tokens or None]
 
+    c, _ = chosen.last_answer()
     for r in rejected:
-        if r.last_answer_start() != c or r.input_ids[:c] != chosen.input_ids[:c]:
+        if r.last_answer()[0] != c or r.input_ids[:c] != chosen.input_ids[:c]:
             raise RenderError(f"{chosen.source}: a `rejected` answer's prompt renders differently from the answer's, "
                               "so the two cannot share it; check the row's messages.")
-    return dataclasses.replace(chosen, rejected=[answer(r, c) for r in rejected], pair_tokens=len(answer(chosen, c)))
+    return dataclasses.replace(chosen, rejected=[answer(r) for r in rejected], pair_tokens=len(answer(chosen)))
 
 
 def preference_pairs(convs: list[Conversation], tokenizer: Any, max_length: int,
@@ -289,13 +289,12 @@ def rows_with_rejected(convs: list[Conversation], rows: list[Rendered], tokenize
     problems = []
     at = 0
     for i in paired:
-        alts, at = flat[at : at + len(rejected_answers(convs[i]))], at + len(rejected_answers(convs[i]))
+        n = len(rejected_answers(convs[i]))
         try:
-            out[i] = with_rejected(rows[i], alts, answer_tokens)
+            out[i] = with_rejected(rows[i], flat[at : at + n], answer_tokens)
         except RenderError as e:
-            file, _, line = convs[i].source.rpartition(":")
-            problems.append(Problem(file or convs[i].source, int(line) if line.isdigit() else None, "rejected",
-                                    str(e).split(": ", 1)[-1], "see above"))
+            problems.append(_render_problem(convs[i], "rejected", e))
+        at += n
     if problems:
         raise DataError(problems)
     return out
@@ -686,7 +685,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
     history: list[dict[str, Any]] = []
     seen_tokens = 0
     window_loss, window_count = 0.0, 0  # the loss since the last log line (global sum, global tokens)
-    window_pref, window_pref_n = 0.0, 0  # the preference term since the last log line (this rank)
+    # The preference term since the last log line (this rank), kept on the device until logged.
+    window_pref, window_pref_n = torch.zeros((), device=device), 0
     elapsed_before = 0.0
     metrics_path = run_dir / "metrics.jsonl"
     if existing is not None:
@@ -807,7 +807,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
                         pref = preference_loss(model, [c for c, _ in picked], [r for _, r in picked], pad_id,
                                                cfg.train.preference_beta, device, packing=cfg.train.packing)
                     accelerator.backward(pref * cfg.train.preference_weight)
-                    window_pref += float(pref.detach())
+                    window_pref += pref.detach().float()
                     window_pref_n += 1
                 for j, b in enumerate(pieces):
                     b = b.to(device)
@@ -819,7 +819,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
                                                                       cfg.train.preference_beta)
                             loss = (loss_sum * (world / n_step_tokens)
                                     + pref_sum * (cfg.train.preference_weight * world / n_step_pairs))
-                            window_pref += float(pref_sum.detach())
+                            window_pref += pref_sum.detach().float()
                             window_pref_n += b.n_pairs
                         else:
                             loss_sum, _n = causal_lm_loss(model, b, token_weights(b))
@@ -851,10 +851,10 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
                              "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(tps, 1),
                              "elapsed_s": round(elapsed, 2)}
                     if window_pref_n:
-                        entry["preference_loss"] = round(window_pref / window_pref_n, 5)
+                        entry["preference_loss"] = round(float(window_pref) / window_pref_n, 5)
                     record(entry)
                     window_loss, window_count = 0.0, 0
-                    window_pref, window_pref_n = 0.0, 0
+                    window_pref, window_pref_n = torch.zeros((), device=device), 0
                     if progress:
                         progress.update(step, entry["loss"], tps)
                 elif progress:

@@ -90,7 +90,7 @@ def pack(rows: list[Rendered], pad_id: int) -> Batch:
         rejected.extend([IGNORE] * len(r.input_ids))
         if not r.rejected:
             continue
-        start = r.last_answer_start()  # position start - 1 predicts each answer's first token
+        start, _ = r.last_answer()  # position start - 1 predicts each answer's first token
         for j in range(r.pair_tokens):
             chosen[base + start - 1 + j] = r.input_ids[start + j]
         for alt in r.rejected:

@@ -34,15 +34,16 @@ class Rendered:
     def n_trained(self) -> int:
         return sum(self.loss_mask)
 
-    def last_answer_start(self) -> int:
-        """Index of the first token of the last trained run (the last answer); 0 if nothing is trained."""
+    def last_answer(self) -> tuple[int, int]:
+        """(start, end) of the last trained run of tokens (the last answer); (0, 0) if nothing is trained."""
         mask = self.loss_mask
         if not any(mask):
-            return 0
-        start = len(mask) - 1 - mask[::-1].index(1)
+            return 0, 0
+        end = len(mask) - mask[::-1].index(1)
+        start = end - 1
         while start > 0 and mask[start - 1]:
             start -= 1
-        return start
+        return start, end
 
 
 def _template(tokenizer: Any, messages: list[Message], add_generation_prompt: bool) -> str:
