@@ -197,6 +197,12 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     **{f"r4len-ib-t8{suffix}": {"train": {**PREF_IB, **extra}, "lora": ALL, "data": {"category_weights": R4LEN}}
        for suffix, extra in (("", {}), ("-s7", {"seed": 7}), ("-s11", {"seed": 11}), ("-w2", {"preference_weight": 2.0}),
                              ("-e2", {"epochs": 2, "learning_rate": 5e-4}))},
+    # The demo recipe with the 150 refusals of more-refusals.jsonl (10 harm areas, incl. methodical
+    # self-harm questions, petty theft and animal cruelty, where the demo recipe's refusals fail):
+    # refusal weight 1.2 keeps about the demo's refusal rows per epoch (252 vs 240), 1.5 gives 315.
+    **{f"rm{tag}-t8{suffix}": {"train": {**PREF_T8, **extra}, "lora": ALL,
+                              "data": {"train": WITH_MORE_REFUSALS, "category_weights": {**R4LEN, "refusal": w}}}
+       for tag, w in (("12", 1.2), ("15", 1.5)) for suffix, extra in (("", {}), ("-s7", {"seed": 7}), ("-s11", {"seed": 11}))},
     "r-mixed-pref-t8": {"train": PREF_T8, "lora": ALL,
                         "data": {"train": WITH_MORE_REFUSALS, "category_weights": {**MIX_C2, "refusal": 1}}},
     # With more-answers.jsonl and more-refusals.jsonl, shuffled batches.

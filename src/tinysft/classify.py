@@ -37,14 +37,13 @@ from tinysft.data.formats import LABEL_FORMATS, LabeledText
 from tinysft.data.validate import DataError, Problem, load_labeled, read_rows
 from tinysft.evaluate.classification_metrics import classification_metrics
 from tinysft.evaluate.classification_report import write_classification_report
+from tinysft.files import atomic_save_dir, atomic_write_text
 from tinysft.models.load import add_lora, load_tokenizer, resolve_dtype, resolve_model_path
 from tinysft.models.registry import DEFAULT_CAUSAL, DEFAULT_ENCODER, ModelError
 from tinysft.train import (
     TrainError,
     TrainProgress,
     TrainResult,
-    atomic_save_dir,
-    atomic_write_text,
     latest_checkpoint,
     make_accelerator,
     plot_losses,

@@ -19,6 +19,8 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from tinysft.files import atomic_write_text
+
 # Quiet the libraries' own progress bars and deprecation chatter; tinysft prints its own progress.
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -245,18 +247,8 @@ def generate(
                                 batch_size=batch_size, system_prompt=loaded.config.data.system_prompt,
                                 on_batch=lambda n: bar.advance(task, n))
     text = "".join(json.dumps({**r, "response": a}, ensure_ascii=False) + "\n" for r, a in zip(raw, answers, strict=True))
-    _atomic_write(out_file, text)
+    atomic_write_text(out_file, text)
     out.print(f"Wrote {len(answers)} answers to {out_file}")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @app.command("eval")
@@ -326,7 +318,7 @@ def predict(
     from tinysft.classify import predict_rows
 
     rows, accuracy = predict_rows(run_dir, data, tuned=not base, log=_log)
-    _atomic_write(out_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    atomic_write_text(out_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     note = f" (accuracy {accuracy:.3f} against the rows' labels)" if accuracy is not None else ""
     out.print(f"Wrote {len(rows)} predictions to {out_file}{note}")
 

@@ -44,6 +44,7 @@ from tinysft.data.batching import (
 from tinysft.data.formats import Conversation
 from tinysft.data.render import Rendered, RenderError, render
 from tinysft.data.validate import DataError, Problem, load_conversations, weight_categories
+from tinysft.files import atomic_save_dir, atomic_write_text
 from tinysft.models.chunked_head import head_cross_entropy, plain_lm_head
 from tinysft.models.load import (
     add_lora,
@@ -348,32 +349,6 @@ def _version() -> str:
         return version("tinysft")
     except PackageNotFoundError:
         return "dev"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def atomic_save_dir(target: Path, write: Callable[[Path], None]) -> None:
-    """Write a folder under a temporary name, then rename it into place (never half-written)."""
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        write(tmp)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

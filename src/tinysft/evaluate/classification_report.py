@@ -10,20 +10,15 @@ import base64
 import html
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from tinysft.files import atomic_write_text
 
 SUMMARY = [("accuracy", "Accuracy"), ("f1_weighted", "F1 (weighted)"), ("f1_macro", "F1 (macro)"),
            ("precision_weighted", "Precision (weighted)"), ("recall_weighted", "Recall (weighted)"), ("n", "Rows")]
 MAX_SAMPLES_MD = 20
 MAX_ROWS_HTML = 500
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _fmt(v: Any) -> str:
@@ -146,7 +141,7 @@ def write_classification_report(result: dict[str, Any], out_dir: Path, title: st
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "report.json", "md": out_dir / "report.md", "html": out_dir / "report.html"}
-    _write(paths["json"], json.dumps(result, indent=2, ensure_ascii=False))
-    _write(paths["md"], to_markdown(result, title))
-    _write(paths["html"], to_html(result, title, run_dir))
+    atomic_write_text(paths["json"], json.dumps(result, indent=2, ensure_ascii=False))
+    atomic_write_text(paths["md"], to_markdown(result, title))
+    atomic_write_text(paths["html"], to_html(result, title, run_dir))
     return paths

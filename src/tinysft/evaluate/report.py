@@ -10,13 +10,13 @@ import base64
 import html
 import io
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from tinysft.evaluate.compare import FORGETTING, PROMPTS, Comparison
+from tinysft.files import atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -533,15 +533,6 @@ regex / phrase heuristics; keywords are whole-word, case-insensitive matches (se
 
 
 # ---- json + files ---------------------------------------------------------------------------------
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _meta(run_dir: Path | None, config: dict[str, Any] | None, comp: Comparison, created: str) -> tuple[str, str]:
     """The line under the title, as (markdown, html)."""
     parts_md, parts_html = [], []
@@ -594,7 +585,7 @@ def write_report(comp: Comparison, out_dir: str | Path, *, title: str = "tinysft
     meta_md, meta_html = _meta(run, config, comp, created)
     paths = {"json": out / "report.json", "md": out / "report.md", "html": out / "report.html"}
     data = report_data(comp, title, config, manifest, created)
-    _write(paths["json"], json.dumps(data, indent=2, ensure_ascii=False))
-    _write(paths["md"], to_markdown(comp, title, meta_md))
-    _write(paths["html"], to_html(comp, title, run, meta_html, config, manifest))
+    atomic_write_text(paths["json"], json.dumps(data, indent=2, ensure_ascii=False))
+    atomic_write_text(paths["md"], to_markdown(comp, title, meta_md))
+    atomic_write_text(paths["html"], to_html(comp, title, run, meta_html, config, manifest))
     return paths
