@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tinysft.evaluate.compare import Comparison
+from tinysft.files import atomic_write_text
 
 
 def default_forgetting_set() -> Path:
@@ -140,4 +141,4 @@ def _mark_demo(run_dir: Path) -> None:
     path = run_dir / "manifest.json"
     data = json.loads(path.read_text())
     data["demo"] = True
-    path.write_text(json.dumps(data, indent=2))
+    atomic_write_text(path, json.dumps(data, indent=2))

@@ -586,9 +586,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
     row_pairs = in_batch or bool(pair_rows)
 
     if is_main:
-        import yaml
-
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        cfg.save(run_dir / "config.yaml")
         write_manifest(run_dir, cfg, model_path, {"train_rows": len(rows), "eval_rows": len(eval_rows)})
 
     # Shard micro-batches across processes: every rank builds the same list (same seed) and takes
