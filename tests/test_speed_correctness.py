@@ -233,6 +233,22 @@ def test_fast_dropout_matches_dropout_in_distribution() -> None:
     assert drop(x) is x
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_dropout_multiply_equals_the_masked_select(dtype) -> None:
+    """The mask applied as a 0/1 multiply gives the values of torch.where(keep, x, 0) / q, both ways."""
+    from tinysft.models.lora_dropout import _MaskedScale, keep_mask
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(37, 300, generator=gen).to(dtype).requires_grad_()
+    grad = torch.randn(37, 300, generator=gen).to(dtype)
+    keep, q = keep_mask(x.shape, 0.9, generator=gen)
+    y = _MaskedScale.apply(x, keep, 1.0 / q)
+    assert y.dtype == dtype
+    assert torch.equal(y, torch.where(keep, x.detach(), 0.0).mul_(1.0 / q))
+    y.backward(grad)
+    assert torch.equal(x.grad, torch.where(keep, grad, 0.0).mul_(1.0 / q))
+
+
 def test_use_fast_dropout_swaps_only_lora_dropout(tokenizer) -> None:
     from tinysft.config import LoraConfig
     from tinysft.models.load import add_lora
