@@ -147,7 +147,9 @@ class TrainConfig:
     scored in the SFT pass itself: each rejected answer is a branch of its packed conversation,
     sharing the prompt, so the term costs only the rejected tokens. Needs train.packing.
     False = train.preference_pairs pairs per step drawn from all such rows (also scored inside the
-    SFT pass, as extra pair-only rows, where tinysft's packed attention is on; else in a pass of their own)."""
+    SFT pass, as extra pair-only rows, where tinysft's packed attention is on; else in a pass of their own).
+    A row whose `rejected` is a list counts as one example here (its pairs averaged) and as one pool
+    pair per rejected answer when False."""
     log_every: int = 5
     """Optimizer steps between log lines in metrics.jsonl."""
     eval_every: int = 0
