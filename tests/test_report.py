@@ -92,11 +92,19 @@ def test_report_files_from_hand_made_rows(tmp_path: Path) -> None:
     md = paths["md"].read_text()
     for heading in ("## Summary", "## By category", "## Examples that flipped", "## Side by side"):
         assert heading in md
-    assert "| Harmful prompts refused | 0% | 100% | +100 pts ✅ |" in md
+    # Each figure says how many prompts it is over (held-out conversations for the loss).
+    assert "| Metric | n | Base | Tuned | Change |" in md
+    assert "| Harmful prompts refused | 1 | 0% | 100% | +100 pts ✅ |" in md
+    assert "| Benign prompts refused (over-refusal) | 5 | 20% | 20% | ±0 pts |" in md
+    assert "| General knowledge kept (forgetting set) | 2 | 100% | 50% | -50 pts ⚠️ |" in md
+    assert "| Held-out loss (nats / answer token) | 4 | 2.0000 | 1.5000 | -0.5000 ✅ |" in md
+    assert "| Prompts |  | 6 | 6 |  |" in md
+    assert data["metrics"]["base"]["n_length_compliance"] == 1 and data["metrics"]["tuned"]["n_polite_rate"] == 6
     assert "**refused → answered** (better)" in md and "**right → wrong** (worse)" in md
     assert md.count("\n| ") >= 8 + 2  # a side-by-side row per prompt
 
     page = paths["html"].read_text()
+    assert '<th class="num">n</th>' in page and "<td class='num'>5</td>" in page
     assert "<script" not in page.replace("&lt;script", "")  # the answer's <script> is escaped, none of ours
     assert not re.search(r"""(src|href)=['"]?(https?:)?//""", page), "the report must not load anything from the network"
     assert page.count("src='data:image/png;base64,") >= 3  # loss curve + two per-category charts

@@ -97,12 +97,13 @@ def summary_table(comp: Comparison) -> Any:
 
     table = Table(title="Base vs tuned")
     table.add_column("metric")
+    table.add_column("n", justify="right")
     table.add_column("base", justify="right")
     table.add_column("tuned", justify="right")
     table.add_column("change", justify="right")
     style = {"better": "green", "worse": "red"}
-    for _, label, b, t, text, verdict in summary_rows(comp):
-        table.add_row(label, b, t, f"[{style[verdict]}]{text}[/]" if verdict in style else text)
+    for r in summary_rows(comp):
+        table.add_row(r.label, r.n, r.base, r.tuned, f"[{style[r.verdict]}]{r.change}[/]" if r.verdict in style else r.change)
     return table
 
 

@@ -13,7 +13,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from tinysft.evaluate.compare import FORGETTING, PROMPTS, Comparison
 from tinysft.files import atomic_write_text
@@ -168,14 +168,35 @@ def _tags(flags: dict[str, Any]) -> str:
     return ", ".join(tags)
 
 
-def summary_rows(comp: Comparison) -> list[tuple[str, str, str, str, str, str]]:
-    """(key, label, base, tuned, change, verdict) for every metric either side has."""
+class SummaryRow(NamedTuple):
+    key: str
+    label: str
+    n: str  # how many prompts (or held-out conversations) the figure is over; "" for the count itself
+    base: str
+    tuned: str
+    change: str
+    verdict: str
+
+
+def _figure_n(comp: Comparison, key: str) -> str:
+    if key == "n":
+        return ""
+    if key in ("heldout_loss", "heldout_perplexity"):
+        return str(comp.loss["base"]["rows"]) if comp.loss else ""
+    counts = {comp.metrics[side].get(f"n_{key}", comp.metrics[side].get("n" if key == "mean_words" else ""))
+              for side in ("base", "tuned")} - {None}
+    return "/".join(str(c) for c in sorted(counts))  # both sides score the same prompts: one number
+
+
+def summary_rows(comp: Comparison) -> list[SummaryRow]:
+    """One row (metric, number of prompts, base, tuned, change, verdict) for every metric either side has."""
     b, t = comp.metrics["base"], comp.metrics["tuned"]
     out = []
     for m in METRICS:
         if m.key in b or m.key in t:
             text, verdict = change(m.key, b.get(m.key), t.get(m.key))
-            out.append((m.key, m.label, format_value(m.key, b.get(m.key)), format_value(m.key, t.get(m.key)), text, verdict))
+            out.append(SummaryRow(m.key, m.label, _figure_n(comp, m.key), format_value(m.key, b.get(m.key)),
+                                  format_value(m.key, t.get(m.key)), text, verdict))
     return out
 
 
@@ -183,10 +204,10 @@ def to_markdown(comp: Comparison, title: str, meta: str = "") -> str:
     lines = [f"# {title}", ""]
     if meta:
         lines += [meta, ""]
-    lines += ["## Summary", "", "| Metric | Base | Tuned | Change |", "|---|---:|---:|---:|"]
+    lines += ["## Summary", "", "| Metric | n | Base | Tuned | Change |", "|---|---:|---:|---:|---:|"]
     arrows = {"better": " ✅", "worse": " ⚠️"}
-    for _, label, b, t, text, verdict in summary_rows(comp):
-        lines.append(f"| {label} | {b} | {t} | {text}{arrows.get(verdict, '')} |")
+    for r in summary_rows(comp):
+        lines.append(f"| {r.label} | {r.n} | {r.base} | {r.tuned} | {r.change}{arrows.get(r.verdict, '')} |")
     if comp.loss:
         lb = comp.loss["base"]
         lines += ["", f"Held-out loss is the mean cross-entropy over {lb['tokens']:,} answer tokens in {lb['rows']} "
@@ -442,9 +463,9 @@ def to_html(comp: Comparison, title: str, run_dir: Path | None, meta: str = "",
         by_row.setdefault(f.index, []).append(f)
 
     summary = "".join(
-        f"<tr><td>{e(label)}</td><td class='num'>{e(b)}</td><td class='num'>{e(t)}</td>"
-        f"<td class='num'><span class='chg {verdict}'>{e(text)}</span></td></tr>"
-        for _, label, b, t, text, verdict in summary_rows(comp))
+        f"<tr><td>{e(r.label)}</td><td class='num'>{e(r.n)}</td><td class='num'>{e(r.base)}</td>"
+        f"<td class='num'>{e(r.tuned)}</td><td class='num'><span class='chg {r.verdict}'>{e(r.change)}</span></td></tr>"
+        for r in summary_rows(comp))
     loss_note = ""
     if comp.loss:
         lb = comp.loss["base"]
@@ -518,7 +539,7 @@ def to_html(comp: Comparison, title: str, run_dir: Path | None, meta: str = "",
 <p class="meta">{meta}</p>
 {_tiles(comp)}
 <h2>Summary</h2>
-<div class="scroll"><table><tr><th>Metric</th><th class="num">Base</th><th class="num">Tuned</th><th class="num">Change</th></tr>{summary}</table></div>
+<div class="scroll"><table><tr><th>Metric</th><th class="num">n</th><th class="num">Base</th><th class="num">Tuned</th><th class="num">Change</th></tr>{summary}</table></div>
 {loss_note}
 {plots}
 {categories}
