@@ -183,9 +183,9 @@ def _figure_n(comp: Comparison, key: str) -> str:
         return ""
     if key in ("heldout_loss", "heldout_perplexity"):
         return str(comp.loss["base"]["rows"]) if comp.loss else ""
-    counts = {comp.metrics[side].get(f"n_{key}", comp.metrics[side].get("n" if key == "mean_words" else ""))
-              for side in ("base", "tuned")} - {None}
-    return "/".join(str(c) for c in sorted(counts))  # both sides score the same prompts: one number
+    name = "n" if key == "mean_words" else f"n_{key}"
+    counts = sorted({comp.metrics[side][name] for side in ("base", "tuned") if name in comp.metrics[side]})
+    return "/".join(str(c) for c in counts)  # both sides score the same prompts: one number
 
 
 def summary_rows(comp: Comparison) -> list[SummaryRow]:
