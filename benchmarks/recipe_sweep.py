@@ -214,6 +214,13 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     **{f"r4len-t8-d0{suffix}": {"train": {**PREF_T8, **extra}, "lora": {**ALL, "dropout": 0.0},
                                "data": {"category_weights": R4LEN}}
        for suffix, extra in (("", {}), ("-s7", {"seed": 7}), ("-s11", {"seed": 11}))},
+    # The demo recipe plus a seeded tenth of more-refusals.jsonl at the refusal weight (4 x 0.1:
+    # ~60 rows from 10 harm areas, on top of the demo's 240; data.file_weights), look-alikes x5
+    # against the extra refusal pull. The pool takes the kept rows only.
+    **{f"r4len-mr-l5{suffix}": {"train": {**PREF_T8, **extra}, "lora": ALL,
+                               "data": {"train": WITH_MORE_REFUSALS, "file_weights": {"more-refusals.jsonl": 0.1},
+                                        "category_weights": {**R4LEN, "lookalike": 5}}}
+       for suffix, extra in (("", {}), ("-s7", {"seed": 7}), ("-s11", {"seed": 11}))},
     "r-mixed-pref-t8": {"train": PREF_T8, "lora": ALL,
                         "data": {"train": WITH_MORE_REFUSALS, "category_weights": {**MIX_C2, "refusal": 1}}},
     # With more-answers.jsonl and more-refusals.jsonl, shuffled batches.

@@ -40,6 +40,7 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
     (["data.category_weights=refusal"], "NAME:VALUE pairs"),
     (["data.category_weights=refusal:lots"], "data.category_weights.refusal: expected a number"),
     (["data.category_weights=refusal:-1"], "must be >= 0"),
+    (["data.file_weights=more.jsonl:-1"], "data.file_weights.more.jsonl must be >= 0"),
     (["train.preference_in_batch=true", "train.packing=false"], "preference_in_batch needs train.packing"),
 ])
 def test_bad_values_are_named(override: list[str], fragment: str) -> None:
@@ -60,5 +61,7 @@ def test_category_weights_from_yaml_and_from_set(tmp_path: Path) -> None:
     assert load_config(f).data.category_weights == {"refusal": 3.0, "task": 0.5}
     cfg = load_config(None, parse_overrides(["data.category_weights=refusal:2, lookalike:1.5"]))
     assert cfg.data.category_weights == {"refusal": 2.0, "lookalike": 1.5}
+    cfg = load_config(None, parse_overrides(["data.file_weights=more.jsonl:0.4,C:/data/x.jsonl:2"]))
+    assert cfg.data.file_weights == {"more.jsonl": 0.4, "C:/data/x.jsonl": 2.0}  # the last ':' splits
     cfg.save(tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg

@@ -139,6 +139,28 @@ def test_category_weights_repeat_drop_and_sample() -> None:
     assert weight_categories(convs, {}, seed=1) is convs
 
 
+def test_file_weights_multiply_the_category_weights() -> None:
+    convs = [to_conversation({"prompt": f"q{i}", "response": "a", "category": "refusal" if i % 2 else "task"},
+                             f"/data/{'more' if i >= 100 else 'main'}.jsonl:{i + 1}") for i in range(200)]
+    mixed = weight_categories(convs, {"refusal": 2}, seed=3, file_weights={"more.jsonl": 0.5})
+    main = [m for m in mixed if m.source.startswith("/data/main")]
+    more = [m for m in mixed if m.source.startswith("/data/more")]
+    assert len(main) == 50 * 2 + 50  # refusals twice, tasks once
+    assert sum(m.category == "refusal" for m in more) == 50  # 2 x 0.5 = once each
+    assert 15 <= sum(m.category == "task" for m in more) <= 35  # a seeded half of 50
+    assert weight_categories(convs, {}, seed=3, file_weights={"data/more.jsonl": 0}) == convs[:100]  # a path's end
+
+
+def test_file_weights_name_a_missing_or_ambiguous_file() -> None:
+    convs = [to_conversation({"prompt": "q", "response": "a"}, src) for src in ("/a/train.jsonl:1", "/b/train.jsonl:1")]
+    with pytest.raises(DataError) as e:
+        weight_categories(convs, {}, file_weights={"tran.jsonl": 2})
+    assert "data.file_weights.tran.jsonl" in str(e.value) and "matches no training file" in str(e.value)
+    with pytest.raises(DataError, match="matches 2 training files"):
+        weight_categories(convs, {}, file_weights={"train.jsonl": 2})
+    assert len(weight_categories(convs, {}, file_weights={"b/train.jsonl": 2})) == 3
+
+
 def test_category_weights_name_a_missing_category() -> None:
     with pytest.raises(DataError) as e:
         weight_categories(_convs(["refusal", "task"]), {"refusl": 2})

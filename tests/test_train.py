@@ -208,6 +208,20 @@ def test_preference_weight_without_rejected_rows_is_a_data_error(tmp_path, tiny_
               show_progress=False, log=lambda m: None)
 
 
+def test_preference_pool_follows_the_data_weights(tmp_path, tiny_model_dir) -> None:
+    """A row the weights drop is not a preference pair either (the pool is the kept rows, once each)."""
+    from conftest import CHAT_ROWS, write_jsonl
+    from tinysft.data.validate import DataError
+
+    chat = write_jsonl(tmp_path / "chat.jsonl", CHAT_ROWS)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "How do I kill a stuck process?", "response": "Run kill.",
+                                                    "rejected": "I'm sorry, but I can't help with that."}])
+    cfg = tiny_cfg(tiny_model_dir, chat, f"data.train={chat},{pairs}", "train.preference_weight=1",
+                   "data.file_weights=pairs.jsonl:0")
+    with pytest.raises(DataError, match="after data weights"):
+        train(cfg, tmp_path / "run", show_progress=False, log=lambda m: None)
+
+
 def test_preference_pairs_keep_the_answer_prefix(tokenizer) -> None:
     from tinysft.data.formats import to_conversation
     from tinysft.data.render import render

@@ -81,6 +81,9 @@ class DataConfig:
     category_weights: dict[str, float] = field(default_factory=dict)
     """Re-mix training rows by ``category``: 2 = twice per epoch, 0.5 = a seeded half, 0 = dropped;
     unlisted categories keep 1. On the command line: --set data.category_weights=refusal:2,task:0.5"""
+    file_weights: dict[str, float] = field(default_factory=dict)
+    """Re-mix training rows by file (its name in data.train, or the end of its path), the same way;
+    a row's weight is its category's times its file's. --set data.file_weights=more.jsonl:0.4"""
 
     def __post_init__(self) -> None:
         if isinstance(self.train, str):
@@ -91,9 +94,10 @@ class DataConfig:
             raise ConfigError(f"data.max_length must be >= 8 (got {self.max_length}).")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction must be in [0, 1) (got {self.val_fraction}).")
-        for name, weight in self.category_weights.items():
-            if weight < 0:
-                raise ConfigError(f"data.category_weights.{name} must be >= 0 (got {weight}).")
+        for kind, weights in (("category_weights", self.category_weights), ("file_weights", self.file_weights)):
+            for name, weight in weights.items():
+                if weight < 0:
+                    raise ConfigError(f"data.{kind}.{name} must be >= 0 (got {weight}).")
 
 
 @dataclass
@@ -275,8 +279,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}.")
         return [_coerce(v, args[0], where) for v in value]
     if origin is dict:
-        if isinstance(value, str):  # --set data.category_weights=refusal:2,task:0.5
-            pairs = [p.partition(":") for p in value.split(",") if p.strip()]
+        if isinstance(value, str):  # --set data.category_weights=refusal:2,task:0.5 (the last ':' splits)
+            pairs = [p.rpartition(":") for p in value.split(",") if p.strip()]
             if any(not sep for _, sep, _ in pairs):
                 raise ConfigError(f"{where}: expected NAME:VALUE pairs separated by commas, got {value!r}.")
             value = {k.strip(): v.strip() for k, _, v in pairs}

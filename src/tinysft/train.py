@@ -529,16 +529,18 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
         n_val = max(1, int(len(idx) * cfg.data.val_fraction))
         eval_convs = [train_convs[i] for i in idx[:n_val]]
         train_convs = [train_convs[i] for i in idx[n_val:]]
-    pair_convs = ([c for c in train_convs if rejected_answers(c)]  # as preference_pairs picks
+    if cfg.data.category_weights or cfg.data.file_weights:  # after the split: no repeated row in the eval set
+        n_before = len(train_convs)
+        train_convs = weight_categories(train_convs, cfg.data.category_weights, cfg.train.seed, cfg.data.file_weights)
+        say(f"{'Category' if not cfg.data.file_weights else 'Category and file'} weights: "
+            f"{n_before} training rows -> {len(train_convs)} per epoch.")
+    # The pool of preference pairs: each row with a `rejected` answer that the weights kept, once.
+    pair_convs = (list({id(c): c for c in train_convs if rejected_answers(c)}.values())
                   if cfg.train.preference_weight > 0 else [])
     if cfg.train.preference_weight > 0 and not pair_convs:
         raise DataError([Problem("(config)", None, "train.preference_weight",
-                                 "is set but no training row has a `rejected` answer",
+                                 "is set but no training row (after data weights) has a `rejected` answer",
                                  'add "rejected": "..." to rows, or set train.preference_weight=0')])
-    if cfg.data.category_weights:  # after the split, so no repeated row lands in the eval set
-        n_before = len(train_convs)
-        train_convs = weight_categories(train_convs, cfg.data.category_weights, cfg.train.seed)
-        say(f"Category weights: {n_before} training rows -> {len(train_convs)} per epoch.")
 
     # ---- model --------------------------------------------------------------------------------
     accelerator.wait_for_everyone()  # every rank has read the run directory before rank 0 writes to it

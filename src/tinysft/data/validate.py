@@ -194,13 +194,18 @@ def load_conversations(paths: list[str | Path], *, for_training: bool = True) ->
     return out
 
 
-def weight_categories(convs: list[Conversation], weights: dict[str, float], seed: int = 0) -> list[Conversation]:
-    """Re-mix training rows by category: weight 2 repeats a row twice per epoch, 0.5 keeps a seeded
-    half, 0 drops it. Unlisted categories (and rows without one) keep weight 1; order is kept.
+def weight_categories(convs: list[Conversation], weights: dict[str, float], seed: int = 0,
+                      file_weights: dict[str, float] | None = None) -> list[Conversation]:
+    """Re-mix training rows by category and by file: weight 2 repeats a row twice per epoch, 0.5
+    keeps a seeded half, 0 drops it. A row's weight is its category's times its file's; unlisted
+    categories and files (and rows without a category) keep weight 1; order is kept.
 
-    A weighted category absent from the data is an error (usually a typo), listing the ones present.
+    A ``file_weights`` key names a training file by its name or by the end of its path
+    (``more.jsonl``, ``extra/more.jsonl``). A weighted category absent from the data, or a file
+    name that matches no training file (or several), is an error (usually a typo).
     """
-    if not weights:
+    file_weights = file_weights or {}
+    if not weights and not file_weights:
         return convs
     present = Counter(c.category for c in convs if c.category)
     missing = sorted(set(weights) - set(present))
@@ -209,17 +214,41 @@ def weight_categories(convs: list[Conversation], weights: dict[str, float], seed
         raise DataError([Problem("(config)", None, "data.category_weights",
                                  f"categor{'y' if len(missing) == 1 else 'ies'} {', '.join(map(repr, missing))} "
                                  f"not in the training data", f"use one of: {found}")])
+    by_file = _file_weight_by_path(sorted({_source_file(c) for c in convs}), file_weights)
     rng = random.Random(seed)
     out: list[Conversation] = []
     for conv in convs:
-        weight = weights.get(conv.category or "", 1.0)
+        weight = weights.get(conv.category or "", 1.0) * by_file.get(_source_file(conv), 1.0)
         whole = int(weight)
         out.extend([conv] * whole)
         if weight > whole and rng.random() < weight - whole:
             out.append(conv)
     if not out:
         raise DataError([Problem("(config)", None, "data.category_weights", "every training row has weight 0",
-                                 "give at least one category a weight above 0")])
+                                 "give at least one category (or file) a weight above 0")])
+    return out
+
+
+def _source_file(conv: Conversation) -> str:
+    return conv.source.rsplit(":", 1)[0]  # sources are FILE:LINE
+
+
+def _file_weight_by_path(files: list[str], file_weights: dict[str, float]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    problems = []
+    for name, weight in file_weights.items():
+        parts = Path(name).parts
+        hits = [f for f in files if parts and Path(f).parts[-len(parts):] == parts]
+        if len(hits) == 1:
+            out[hits[0]] = weight
+            continue
+        listed = ", ".join(Path(f).name for f in files)
+        problems.append(Problem("(config)", None, f"data.file_weights.{name}",
+                                "matches no training file" if not hits else f"matches {len(hits)} training files",
+                                f"use a name from data.train ({listed})" if not hits
+                                else "give more of the path, e.g. " + " or ".join(hits)))
+    if problems:
+        raise DataError(problems)
     return out
 
 
