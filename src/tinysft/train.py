@@ -76,9 +76,7 @@ class TrainResult:
 
 def _render_problem(conv: Conversation, field: str, error: RenderError) -> Problem:
     """A RenderError of ``conv`` as a DataError entry at its FILE:LINE."""
-    file, _, line = conv.source.rpartition(":")
-    return Problem(file or conv.source, int(line) if line.isdigit() else None, field, str(error).split(": ", 1)[-1],
-                   "see above")
+    return Problem.at(conv.source, field, str(error).split(": ", 1)[-1], "see above")
 
 
 def render_all(convs: list[Conversation], tokenizer: Any, max_length: int, system_prompt: str | None = None) -> list[Rendered]:

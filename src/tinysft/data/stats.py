@@ -52,8 +52,7 @@ def check_chat(files: list[str], *, model: str | None = "smollm2-135m-instruct",
         try:
             r = render(c, tokenizer, None)
         except RenderError as e:
-            file, _, line = c.source.rpartition(":")
-            problems.append(Problem(file, int(line) if line.isdigit() else None, "messages", str(e).split(": ", 1)[-1], "see above"))
+            problems.append(Problem.at(c.source, "messages", str(e).split(": ", 1)[-1], "see above"))
             continue
         report.token_lengths.append(len(r.input_ids))
         report.trained_tokens.append(r.n_trained)
@@ -68,14 +67,9 @@ def check_chat(files: list[str], *, model: str | None = "smollm2-135m-instruct",
 
 def _refuse_duplicates(stats: DataStats | None) -> None:
     if stats is not None and stats.exact_duplicates:
-        raise DataError([_problem_at(second, "(row)", f"exact duplicate of {first}",
+        raise DataError([Problem.at(second, "(row)", f"exact duplicate of {first}",
                                      "drop one of the two rows (or check without --strict to only count them)")
                          for first, second in stats.exact_duplicates])
-
-
-def _problem_at(source: str, field_name: str, what: str, fix: str) -> Problem:
-    file, _, line = source.rpartition(":")
-    return Problem(file or source, int(line) if line.isdigit() else None, field_name, what, fix)
 
 
 def check_labeled(files: list[str], strict: bool = False) -> CheckReport:

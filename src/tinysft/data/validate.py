@@ -34,6 +34,17 @@ class Problem:
         where = f"{self.file}:{self.line}" if self.line is not None else self.file
         return f"{where}: {self.field}: {self.what} — {self.fix}"
 
+    @classmethod
+    def at(cls, source: str, field: str, what: str, fix: str) -> Problem:
+        """A problem at a row's ``source`` (``FILE:LINE``, as the loaders write it)."""
+        return cls(*split_source(source), field, what, fix)
+
+
+def split_source(source: str) -> tuple[str, int | None]:
+    """A row's ``source`` as (file, line); the line is None where the source has none."""
+    file, _, line = source.rpartition(":")
+    return file or source, int(line) if line.isdigit() else None
+
 
 class DataError(ValueError):
     """All problems found in the data, one per line."""
@@ -230,7 +241,7 @@ def weight_categories(convs: list[Conversation], weights: dict[str, float], seed
 
 
 def _source_file(conv: Conversation) -> str:
-    return conv.source.rsplit(":", 1)[0]  # sources are FILE:LINE
+    return split_source(conv.source)[0]
 
 
 def _file_weight_by_path(files: list[str], file_weights: dict[str, float]) -> dict[str, float]:
