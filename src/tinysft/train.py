@@ -53,6 +53,7 @@ from tinysft.models.load import (
     load_causal_lm,
 )
 from tinysft.models.lora_dropout import use_fast_dropout
+from tinysft.models.lora_linear import use_fused_lora
 from tinysft.models.packed_attention import use_packed_attention
 
 PASS_TOKENS_CPU = 1024  # tokens per forward/backward pass on a CPU (see train())
@@ -575,6 +576,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
     use_fast_dropout(model)  # nn.Dropout's CPU sampler costs as much as the matmuls it feeds
     if accelerator.mixed_precision in ("bf16", "fp16"):
         keep_lora_inputs_in_compute_dtype(model)  # autocast computes the adapters in bf16 anyway
+    if device.type == "cpu":
+        use_fused_lora(model)  # one autograd function per LoRA linear: fewer passes over activations
     # Attention per packed conversation, not over the whole row; with it, pairs are scored as
     # branches inside the SFT pass (in-batch pairs, or the step's pool pairs appended to its last piece).
     packed_attention = cfg.train.packing and use_packed_attention(model)

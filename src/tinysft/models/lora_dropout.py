@@ -37,6 +37,37 @@ def keep_mask(shape: torch.Size | tuple[int, ...], keep_prob: float, device: tor
     return halves < level - (_LEVELS // 2), level / _LEVELS
 
 
+_INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def keep_bits(shape: torch.Size | tuple[int, ...], keep_prob: float, int_dtype: torch.dtype = torch.int16,
+              device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
+    """``keep_mask``'s decisions (the same draws) as an integer mask: all bits set where kept, 0 where dropped.
+
+    ``x.view(int_dtype) & mask`` is then x with the dropped elements zeroed: integer operations,
+    several times faster on a CPU than a bf16 multiply by a 0 / 1 factor (which converts every
+    element to fp32 and back) and than building the bool mask (``lt`` writing int16 is ~5x faster
+    than writing bool). ``int_dtype`` is the signed integer type of x's element size.
+    """
+    n = 1
+    for s in shape:
+        n *= s
+    level = min(max(round(keep_prob * _LEVELS), 1), _LEVELS - 1)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
+    words.random_(-(1 << 63), None, generator=generator)
+    halves = words.view(torch.int16)[:n].view(shape)
+    mask = torch.empty(shape, dtype=torch.int16, device=device)
+    torch.lt(halves, level - (_LEVELS // 2), out=mask)  # 1 where kept
+    mask.neg_()  # -1: all 16 bits set
+    return (mask if int_dtype == torch.int16 else mask.to(int_dtype)), level / _LEVELS  # sign-extends -1
+
+
+def apply_bits(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x with the elements where ``mask`` is 0 set to +0.0 (mask from ``keep_bits``, any integer type)."""
+    int_dtype = _INT_OF_SIZE[x.element_size()]
+    return (x.view(int_dtype) & mask.to(int_dtype)).view(x.dtype)
+
+
 def _as_factor(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The bool mask as 0 / 1 in ``dtype`` (through uint8: a plain, vectorised conversion)."""
     return keep.view(torch.uint8).to(dtype)
