@@ -7,8 +7,11 @@ matmul it feeds, and ~10-15% of a whole SmolLM2 training step. This module draws
 bits at a time and cuts them into four 16-bit uniforms, one per element, so the same masks cost
 a quarter of the generator calls and no per-element float sampling.
 
-The masks are still independent Bernoulli draws from torch's seeded generator (reproducible with
-``torch.manual_seed``); the keep probability is rounded to a multiple of 1/65536 (p=0.1 keeps
+The masks are still independent Bernoulli draws, reproducible with ``torch.manual_seed``: on a
+CPU the bits come from NumPy's PCG64 (``random_raw``, ~1.6x faster than torch's mt19937 here),
+seeded by one draw from torch's generator, so torch's seed, its saved RNG state (resume) and
+gradient checkpointing's RNG replay fix them; elsewhere from torch's generator directly. The keep
+probability is rounded to a multiple of 1/65536 (p=0.1 keeps
 58,982/65,536 = 0.899994) and the kept values are scaled by its exact inverse, so the output's
 expectation is the input, as with ``nn.Dropout``. Dropout has no weights: saved adapters are
 unchanged, and ``tinysft`` outside training (eval mode) does not drop anything.
@@ -31,10 +34,21 @@ def keep_mask(shape: torch.Size | tuple[int, ...], keep_prob: float, device: tor
         n *= s
     # Keep where a uniform 16-bit value falls below this level (1..65535, so never all or nothing).
     level = min(max(round(keep_prob * _LEVELS), 1), _LEVELS - 1)
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
-    words.random_(-(1 << 63), None, generator=generator)  # the full 64-bit range: 4 uniform int16 each
-    halves = words.view(torch.int16)[:n].view(shape)  # signed: [-32768, 32767]
-    return halves < level - (_LEVELS // 2), level / _LEVELS
+    return _uniform_halves(n, device, generator).view(shape) < level - (_LEVELS // 2), level / _LEVELS
+
+
+def _uniform_halves(n: int, device: torch.device | str, generator: torch.Generator | None) -> torch.Tensor:
+    """n uniform int16 values in [-32768, 32767]: 64 random bits cut into four."""
+    words = (n + 3) // 4
+    if torch.device(device).type == "cpu":
+        import numpy as np
+
+        seed = int(torch.empty((), dtype=torch.int64).random_(generator=generator))  # [0, 2^63)
+        bits = torch.from_numpy(np.random.PCG64(seed).random_raw(words))  # uint64
+    else:
+        bits = torch.empty(words, dtype=torch.int64, device=device)
+        bits.random_(-(1 << 63), None, generator=generator)  # the full 64-bit range
+    return bits.view(torch.int16)[:n]
 
 
 _INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -53,9 +67,7 @@ def keep_bits(shape: torch.Size | tuple[int, ...], keep_prob: float, int_dtype: 
     for s in shape:
         n *= s
     level = min(max(round(keep_prob * _LEVELS), 1), _LEVELS - 1)
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
-    words.random_(-(1 << 63), None, generator=generator)
-    halves = words.view(torch.int16)[:n].view(shape)
+    halves = _uniform_halves(n, device, generator).view(shape)
     mask = torch.empty(shape, dtype=torch.int16, device=device)
     torch.lt(halves, level - (_LEVELS // 2), out=mask)  # 1 where kept
     mask.neg_()  # -1: all 16 bits set
