@@ -55,6 +55,7 @@ from tinysft.models.load import (
 from tinysft.models.lora_dropout import use_fast_dropout
 from tinysft.models.lora_linear import use_fused_lora
 from tinysft.models.packed_attention import use_packed_attention
+from tinysft.models.rms_norm import use_fast_rms_norm
 
 PASS_TOKENS_CPU = 1024  # tokens per forward/backward pass on a CPU (see train())
 NO_POSITIONS = torch.empty(0, dtype=torch.long)  # logits_to_keep that computes no logits
@@ -578,6 +579,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
         keep_lora_inputs_in_compute_dtype(model)  # autocast computes the adapters in bf16 anyway
     if device.type == "cpu":
         use_fused_lora(model)  # one autograd function per LoRA linear: fewer passes over activations
+        use_fast_rms_norm(model)  # the norm's closed-form backward in fp32
     # Attention per packed conversation, not over the whole row; with it, pairs are scored as
     # branches inside the SFT pass (in-batch pairs, or the step's pool pairs appended to its last piece).
     packed_attention = cfg.train.packing and use_packed_attention(model)
