@@ -169,3 +169,19 @@ def test_embedded_model_in_nf4_on_cpu_stays_close_to_full_precision() -> None:
     agree = float((choices["none"] == choices["nf4"]).float().mean())
     assert ppl["none"] < 20, ppl
     assert ppl["nf4"] < 1.5 * ppl["none"] and agree > 0.6, (ppl, agree)
+
+
+def test_offline_hub_kernel_warning_of_bitsandbytes_is_dropped() -> None:
+    """bitsandbytes' import-time warning about a hub kernel it cannot fetch offline is filtered
+    (it falls back to its own CPU kernel); its other warnings still pass."""
+    import logging
+
+    import tinysft.models.load  # noqa: F401  (installs the filter)
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+
+    def record(msg: str) -> logging.LogRecord:
+        return logger.makeRecord(logger.name, logging.WARNING, __file__, 1, msg, (), None)
+
+    assert not logger.filter(record("Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'."))
+    assert logger.filter(record("some other bitsandbytes warning"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,16 @@ import torch
 
 from tinysft.config import LoraConfig, ModelConfig
 from tinysft.models.registry import EMBEDDED, ModelError, ensure_embedded, tinysft_home
+
+
+def _drop_hub_kernel_warning(record: logging.LogRecord) -> bool:
+    """bitsandbytes (imported by PEFT) tries to fetch a 4-bit CPU kernel from the Hugging Face hub
+    at import and warns when it cannot; it then uses its own CPU kernel. Offline that warning is
+    every run's first line, and says nothing the user can act on."""
+    return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_hub_kernel_warning)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -168,8 +179,6 @@ def _quantization_config(quantize: str, compute_dtype: torch.dtype) -> Any:
     if quantize == "nf4":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=compute_dtype)
-    import logging
-
     # LLM.int8 casts activations to fp16 by design; bitsandbytes logs a warning on every matmul.
     bnb_logger = logging.getLogger("bitsandbytes.autograd._functions")
     if _drop_int8_cast_warning not in bnb_logger.filters:
