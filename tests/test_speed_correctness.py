@@ -648,3 +648,26 @@ def test_fast_rms_norm_equals_transformers(dtype) -> None:
         assert 0 < error(grads[1]) <= error(grads[0])
     norms[1].eval()  # outside training: transformers' own forward
     assert norms[1].forward.__func__ is not type(norms[1]).forward and torch.equal(norms[1](x0), norms[0](x0))
+
+
+def test_fused_lora_leaves_lora_bias_to_peft() -> None:
+    """A LoRA B with a bias (PEFT's lora_bias) is not in the fused sum: PEFT's forward runs."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    from tinysft.models.lora_linear import use_fused_lora
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16, bias=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "lora_bias on a layer without bias: no merging"
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["0"], lora_bias=True))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p)
+    model.train()
+    x = torch.randn(3, 16)
+    expected = model(x)
+    assert use_fused_lora(model) == 1
+    assert torch.equal(model(x), expected)

@@ -20,7 +20,7 @@ anyway) instead of being saved. The masks are the ones ``FastDropout`` draws, in
 Only the rounding differs from PEFT's sequence of bf16 operations (a test holds the two together).
 
 It applies to plain LoRA on an ``nn.Linear`` base in training; everything else (eval, merged or
-disabled adapters, several active adapters, DoRA and other variants, quantized bases, GPUs) goes
+disabled adapters, several active adapters, DoRA and other variants, lora_bias, quantized bases, GPUs) goes
 to PEFT's own forward, unchanged.
 """
 
@@ -88,7 +88,8 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
             or (base.bias is not None and base.bias.requires_grad)):
         return self._peft_forward(x, *args, **kwargs)
     name = adapters[0]
-    if name not in self.lora_A or name in getattr(self, "lora_variant", {}):
+    if (name not in self.lora_A or name in getattr(self, "lora_variant", {})
+            or self.lora_A[name].bias is not None or self.lora_B[name].bias is not None):  # lora_bias
         return self._peft_forward(x, *args, **kwargs)
     drop = self.lora_dropout[name]
     p = float(getattr(drop, "p", 0.0)) if drop.training else 0.0
