@@ -42,7 +42,7 @@ from tinysft.data.batching import (
     split_batch,
 )
 from tinysft.data.formats import Conversation
-from tinysft.data.render import Rendered, RenderError, render
+from tinysft.data.render import Rendered, RenderError, render, render_problem
 from tinysft.data.validate import DataError, Problem, load_conversations, weight_categories
 from tinysft.files import atomic_save_dir, atomic_write_text
 from tinysft.models.chunked_head import head_cross_entropy, plain_lm_head
@@ -76,11 +76,6 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _render_problem(conv: Conversation, field: str, error: RenderError) -> Problem:
-    """A RenderError of ``conv`` as a DataError entry at its FILE:LINE."""
-    return Problem.at(conv.source, field, str(error).split(": ", 1)[-1], "see above")
-
-
 def render_all(convs: list[Conversation], tokenizer: Any, max_length: int, system_prompt: str | None = None) -> list[Rendered]:
     """Render every conversation; all failures are collected into one DataError."""
     out, problems = [], []
@@ -88,7 +83,7 @@ def render_all(convs: list[Conversation], tokenizer: Any, max_length: int, syste
         try:
             out.append(render(c, tokenizer, max_length, system_prompt))
         except RenderError as e:
-            problems.append(_render_problem(c, "messages", e))
+            problems.append(render_problem(c, "messages", e))
     if problems:
         raise DataError(problems)
     return out
@@ -294,7 +289,7 @@ def rows_with_rejected(convs: list[Conversation], rows: list[Rendered], tokenize
         try:
             out[i] = with_rejected(rows[i], flat[at : at + n], answer_tokens)
         except RenderError as e:
-            problems.append(_render_problem(convs[i], "rejected", e))
+            problems.append(render_problem(convs[i], "rejected", e))
         at += n
     if problems:
         raise DataError(problems)

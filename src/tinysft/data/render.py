@@ -11,10 +11,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from tinysft.data.formats import Conversation, Message
+from tinysft.data.validate import Problem
 
 
 class RenderError(ValueError):
     """A conversation the chat template cannot render into trainable tokens; says why."""
+
+
+def render_problem(conv: Conversation, field: str, error: RenderError) -> Problem:
+    """``error`` (raised rendering ``conv``) as a DataError entry at the row's FILE:LINE; the message
+    loses the ``{source}: `` prefix it is raised with, which the entry already shows."""
+    return Problem.at(conv.source, field, str(error).split(": ", 1)[-1], "see above")
 
 
 @dataclass

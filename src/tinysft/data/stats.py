@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tinysft.data.render import RenderError, render
+from tinysft.data.render import RenderError, render, render_problem
 from tinysft.data.render import show_mask as render_mask
 from tinysft.data.validate import (
     DataError,
@@ -52,7 +52,7 @@ def check_chat(files: list[str], *, model: str | None = "smollm2-135m-instruct",
         try:
             r = render(c, tokenizer, None)
         except RenderError as e:
-            problems.append(Problem.at(c.source, "messages", str(e).split(": ", 1)[-1], "see above"))
+            problems.append(render_problem(c, "messages", e))
             continue
         report.token_lengths.append(len(r.input_ids))
         report.trained_tokens.append(r.n_trained)
