@@ -19,8 +19,10 @@ unchanged, and ``tinysft`` outside training (eval mode) does not drop anything.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import numpy as np
 import torch
 
 _LEVELS = 1 << 16
@@ -29,53 +31,47 @@ _LEVELS = 1 << 16
 def keep_mask(shape: torch.Size | tuple[int, ...], keep_prob: float, device: torch.device | str = "cpu",
               generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
     """A bool mask, True with probability ~keep_prob, and the exact keep probability it uses."""
-    n = 1
-    for s in shape:
-        n *= s
-    # Keep where a uniform 16-bit value falls below this level (1..65535, so never all or nothing).
+    halves, threshold, q = _draw(shape, keep_prob, device, generator)
+    return halves < threshold, q
+
+
+def keep_bits(shape: torch.Size | tuple[int, ...], keep_prob: float, device: torch.device | str = "cpu",
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
+    """``keep_mask``'s decisions (the same draws) as an int16 mask: -1 (all bits set) where kept, 0 where dropped.
+
+    ``apply_bits(x, mask)`` is then x with the dropped elements zeroed by integer operations,
+    several times faster on a CPU than a bf16 multiply by a 0 / 1 factor (which converts every
+    element to fp32 and back); and ``lt`` writing int16 is ~5x faster than writing bool.
+    """
+    halves, threshold, q = _draw(shape, keep_prob, device, generator)
+    mask = torch.empty(halves.shape, dtype=torch.int16, device=device)
+    torch.lt(halves, threshold, out=mask)  # 1 where kept
+    return mask.neg_(), q
+
+
+def _draw(shape: torch.Size | tuple[int, ...], keep_prob: float, device: torch.device | str,
+          generator: torch.Generator | None) -> tuple[torch.Tensor, int, float]:
+    """Uniform int16 values of ``shape``, the threshold below which an element is kept, and the
+    keep probability that threshold gives (a multiple of 1/65536, never 0 or 1)."""
     level = min(max(round(keep_prob * _LEVELS), 1), _LEVELS - 1)
-    return _uniform_halves(n, device, generator).view(shape) < level - (_LEVELS // 2), level / _LEVELS
-
-
-def _uniform_halves(n: int, device: torch.device | str, generator: torch.Generator | None) -> torch.Tensor:
-    """n uniform int16 values in [-32768, 32767]: 64 random bits cut into four."""
-    words = (n + 3) // 4
+    n = math.prod(shape)
+    words = (n + 3) // 4  # 64 random bits cut into four int16 values
     if torch.device(device).type == "cpu":
-        import numpy as np
-
         seed = int(torch.empty((), dtype=torch.int64).random_(generator=generator))  # [0, 2^63)
         bits = torch.from_numpy(np.random.PCG64(seed).random_raw(words))  # uint64
     else:
         bits = torch.empty(words, dtype=torch.int64, device=device)
         bits.random_(-(1 << 63), None, generator=generator)  # the full 64-bit range
-    return bits.view(torch.int16)[:n]
+    halves = bits.view(torch.int16)[:n].view(shape)  # signed: [-32768, 32767]
+    return halves, level - _LEVELS // 2, level / _LEVELS
 
 
 _INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def keep_bits(shape: torch.Size | tuple[int, ...], keep_prob: float, int_dtype: torch.dtype = torch.int16,
-              device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
-    """``keep_mask``'s decisions (the same draws) as an integer mask: all bits set where kept, 0 where dropped.
-
-    ``x.view(int_dtype) & mask`` is then x with the dropped elements zeroed: integer operations,
-    several times faster on a CPU than a bf16 multiply by a 0 / 1 factor (which converts every
-    element to fp32 and back) and than building the bool mask (``lt`` writing int16 is ~5x faster
-    than writing bool). ``int_dtype`` is the signed integer type of x's element size.
-    """
-    n = 1
-    for s in shape:
-        n *= s
-    level = min(max(round(keep_prob * _LEVELS), 1), _LEVELS - 1)
-    halves = _uniform_halves(n, device, generator).view(shape)
-    mask = torch.empty(shape, dtype=torch.int16, device=device)
-    torch.lt(halves, level - (_LEVELS // 2), out=mask)  # 1 where kept
-    mask.neg_()  # -1: all 16 bits set
-    return (mask if int_dtype == torch.int16 else mask.to(int_dtype)), level / _LEVELS  # sign-extends -1
-
-
 def apply_bits(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """x with the elements where ``mask`` is 0 set to +0.0 (mask from ``keep_bits``, any integer type)."""
+    """x with the elements where ``mask`` is 0 set to +0.0 (mask from ``keep_bits``, any integer type:
+    -1 sign-extends to all bits set)."""
     int_dtype = _INT_OF_SIZE[x.element_size()]
     return (x.view(int_dtype) & mask.to(int_dtype)).view(x.dtype)
 
