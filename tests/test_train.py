@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -244,3 +245,29 @@ def test_preference_pairs_keep_the_answer_prefix(tokenizer) -> None:
         tokenizer("I'm sorry, but I can't help with that.", add_special_tokens=False)["input_ids"][:3])
     (whole, _), = preference_pairs([conv], tokenizer, 512, None)
     assert whole.input_ids == full.input_ids and whole.loss_mask == full.loss_mask
+
+
+def test_optimizer_is_fused_where_it_can_be_and_updates_like_the_default() -> None:
+    from tinysft.train import make_optimizer
+
+    torch.manual_seed(0)
+    init = [torch.randn(16, 40), torch.randn(40, 16), torch.randn(7)]
+    grads = [[torch.randn_like(t) for t in init] for _ in range(3)]
+
+    def run(opt_of: Any) -> list[torch.Tensor]:
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = opt_of(params)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+        return [p.detach() for p in params]
+
+    fused = make_optimizer([torch.nn.Parameter(t.clone()) for t in init], 1e-2, 0.01)
+    assert fused.defaults["fused"] is True
+    assert not make_optimizer([torch.nn.Parameter(init[0].clone())], 1e-2, 0.01, fused_ok=False).defaults["fused"]
+    got = run(lambda ps: make_optimizer(ps, 1e-2, 0.01))
+    want = run(lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.01, foreach=False))
+    for g, w, start in zip(got, want, init, strict=True):
+        assert not torch.equal(g, start)  # it moved
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)

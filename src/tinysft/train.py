@@ -57,6 +57,8 @@ from tinysft.models.lora_linear import use_fused_lora
 from tinysft.models.packed_attention import use_packed_attention
 from tinysft.models.rms_norm import use_fast_rms_norm
 
+# accelerate's distributed types where each rank holds every trainable parameter whole (no FSDP / ZeRO).
+_PLAIN_DATA_PARALLEL = ("NO", "MULTI_CPU", "MULTI_GPU")
 PASS_TOKENS_CPU = 1024  # tokens per forward/backward pass on a CPU (see train())
 NO_POSITIONS = torch.empty(0, dtype=torch.long)  # logits_to_keep that computes no logits
 
@@ -457,6 +459,18 @@ def mixed_precision_for(cfg: RunConfig, device: torch.device) -> str:
     return mp
 
 
+def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float, *,
+                   fused_ok: bool = True) -> torch.optim.AdamW:
+    """AdamW over ``params``, as torch's fused kernel where it can run (float parameters on a CPU
+    or a CUDA GPU, not sharded by FSDP / DeepSpeed: ``fused_ok``). The same update rule as the
+    default implementation; on a CPU the default one loops over the ~400 LoRA tensors of a
+    SmolLM2 adapter op by op: measured 28.8 ms per step there against 4.4 ms fused (4.9M
+    parameters, 2 threads)."""
+    fused = fused_ok and bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
+                                              for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
 def make_accelerator(cfg: RunConfig, *, cpu: bool = False) -> Any:
     """An ``accelerate.Accelerator`` with the run's mixed precision.
 
@@ -627,7 +641,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
 
         set_peft_model_state_dict(model, load_file(str(existing / "adapter" / "adapter_model.safetensors")))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+    optimizer = make_optimizer(trainable, cfg.train.learning_rate, cfg.train.weight_decay,
+                               fused_ok=accelerator.distributed_type in _PLAIN_DATA_PARALLEL)
     scheduler = get_scheduler(cfg.train.schedule if cfg.train.schedule != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=int(cfg.train.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
