@@ -69,10 +69,15 @@ def _draw(shape: torch.Size | tuple[int, ...], keep_prob: float, device: torch.d
 _INT_OF_SIZE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+def int_dtype_of(x: torch.Tensor) -> torch.dtype:
+    """The integer dtype of x's element size (the view ``apply_bits`` masks through)."""
+    return _INT_OF_SIZE[x.element_size()]
+
+
 def apply_bits(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """x with the elements where ``mask`` is 0 set to +0.0 (mask from ``keep_bits``, any integer type:
     -1 sign-extends to all bits set)."""
-    int_dtype = _INT_OF_SIZE[x.element_size()]
+    int_dtype = int_dtype_of(x)
     return (x.view(int_dtype) & mask.to(int_dtype)).view(x.dtype)
 
 

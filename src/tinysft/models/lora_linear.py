@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tinysft.models.lora_dropout import apply_bits, keep_bits
+from tinysft.models.lora_dropout import apply_bits, int_dtype_of, keep_bits
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -46,8 +46,8 @@ class _LoraLinear(torch.autograd.Function):
         a = lora_a.to(dtype)  # (r, d)
         if keep_prob < 1.0:
             bits, q = keep_bits(x2.shape, keep_prob, device=x.device)  # int16: -1 kept, 0 dropped
-            xd = apply_bits(x2, bits)
             mask = bits.to(torch.int8)  # saved: 1 byte per element (-1 / 0 sign-extend back)
+            xd = _masked(x2, bits)  # in bits' storage where it fits (bf16 / fp16)
         else:
             mask, q, xd = None, 1.0, x2
         c = scaling / q
@@ -67,16 +67,25 @@ class _LoraLinear(torch.autograd.Function):
         gy = grad.reshape(-1, grad.shape[-1]).to(x2.dtype)  # (N, d_out)
         gh = gy @ b_scaled  # (N, r)
         gx = None
+        m = None if mask is None else mask.to(int_dtype_of(x2))  # once, for both uses below
         if ctx.needs_input_grad[0]:
             lora_part = gh @ a  # (N, d): the gradient of x * m
-            if mask is not None:
-                lora_part = apply_bits(lora_part, mask)
+            if m is not None:
+                lora_part.view(m.dtype).bitwise_and_(m)  # a fresh tensor: masked in place
             gx = lora_part.addmm_(gy, weight.to(x2.dtype)).view(ctx.x_shape)  # + gy @ W, in the matmul
-        xd = x2 if mask is None else apply_bits(x2, mask)
+        xd = x2 if m is None else _masked(x2, m)  # m is not needed after this
         a_dtype, b_dtype = ctx.weight_dtype
         grad_a = (gh.t() @ xd).to(a_dtype)  # (r, d)
         grad_b = (gy.t() @ h).to(b_dtype).mul_(ctx.c)  # (d_out, r)
         return gx, None, None, grad_a, grad_b, None, None
+
+
+def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``apply_bits(x, mask)``, written into ``mask``'s storage when it is x's integer type (one
+    allocation less per call; the caller no longer needs ``mask``)."""
+    if mask.dtype == int_dtype_of(x):
+        return mask.bitwise_and_(x.view(mask.dtype)).view(x.dtype)
+    return apply_bits(x, mask)
 
 
 def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
