@@ -30,7 +30,10 @@ class _RMSNorm(torch.autograd.Function):
         xf = x.to(torch.float32)
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
         ctx.save_for_backward(x, weight, rstd)
-        return weight * (xf * rstd).to(x.dtype)
+        # transformers: weight * (xf * rstd).to(x.dtype), computed in fresh tensors where it can
+        # be (xf is a copy unless x is fp32; the product is one); a multiply commutes bit for bit.
+        normed = (xf.mul_(rstd) if xf is not x else xf * rstd).to(x.dtype)
+        return normed.mul_(weight) if weight.dtype == normed.dtype else weight * normed
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
