@@ -58,7 +58,7 @@ from tinysft.models.packed_attention import use_packed_attention
 from tinysft.models.rms_norm import use_fast_rms_norm
 
 # accelerate's distributed types where each rank holds every trainable parameter whole (no FSDP / ZeRO).
-_PLAIN_DATA_PARALLEL = ("NO", "MULTI_CPU", "MULTI_GPU")
+PLAIN_DATA_PARALLEL = ("NO", "MULTI_CPU", "MULTI_GPU")
 PASS_TOKENS_CPU = 1024  # tokens per forward/backward pass on a CPU (see train())
 NO_POSITIONS = torch.empty(0, dtype=torch.long)  # logits_to_keep that computes no logits
 
@@ -642,7 +642,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
         set_peft_model_state_dict(model, load_file(str(existing / "adapter" / "adapter_model.safetensors")))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(trainable, cfg.train.learning_rate, cfg.train.weight_decay,
-                               fused_ok=accelerator.distributed_type in _PLAIN_DATA_PARALLEL)
+                               fused_ok=accelerator.distributed_type in PLAIN_DATA_PARALLEL)
     scheduler = get_scheduler(cfg.train.schedule if cfg.train.schedule != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=int(cfg.train.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
