@@ -265,7 +265,7 @@ def test_optimizer_is_fused_where_it_can_be_and_updates_like_the_default() -> No
 
     fused = make_optimizer([torch.nn.Parameter(t.clone()) for t in init], 1e-2, 0.01)
     assert fused.defaults["fused"] is True
-    assert not make_optimizer([torch.nn.Parameter(init[0].clone())], 1e-2, 0.01, fused_ok=False).defaults["fused"]
+    assert not make_optimizer([torch.nn.Parameter(init[0].clone())], 1e-2, 0.01, "FSDP").defaults["fused"]
     got = run(lambda ps: make_optimizer(ps, 1e-2, 0.01))
     want = run(lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.01, foreach=False))
     for g, w, start in zip(got, want, init, strict=True):

@@ -41,7 +41,6 @@ from tinysft.files import atomic_save_dir, atomic_write_text
 from tinysft.models.load import add_lora, load_tokenizer, resolve_dtype, resolve_model_path
 from tinysft.models.registry import DEFAULT_CAUSAL, DEFAULT_ENCODER, ModelError
 from tinysft.train import (
-    PLAIN_DATA_PARALLEL,
     TrainError,
     TrainProgress,
     TrainResult,
@@ -307,8 +306,7 @@ def train_classifier(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fals
     steps_per_epoch = max(1, math.ceil(micro_per_epoch / cfg.train.grad_accum))
     total_steps = max(1, math.ceil(steps_per_epoch * cfg.train.epochs))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(trainable, cfg.train.learning_rate, cfg.train.weight_decay,
-                               fused_ok=accelerator.distributed_type in PLAIN_DATA_PARALLEL)
+    optimizer = make_optimizer(trainable, cfg.train.learning_rate, cfg.train.weight_decay, accelerator.distributed_type)
     scheduler = get_scheduler(cfg.train.schedule if cfg.train.schedule != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=int(cfg.train.warmup_ratio * total_steps),
                               num_training_steps=total_steps)
