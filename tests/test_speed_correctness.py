@@ -94,10 +94,16 @@ def test_packed_loss_equals_unpacked_per_example(rows, tokenizer, attention) -> 
     assert leaky[1:] != pytest.approx(alone[1:], rel=1e-3)
 
 
-def test_packed_gradients_equal_padded_gradients(rows, tokenizer) -> None:
-    """Backward through the per-conversation attention gives the padded batch's LoRA gradients."""
+@pytest.mark.parametrize("short", [True, False], ids=["short-attention", "sdpa"])
+def test_packed_gradients_equal_padded_gradients(rows, tokenizer, short, monkeypatch) -> None:
+    """Backward through the per-conversation attention gives the padded batch's LoRA gradients,
+    on both attention paths (the short segments' matmul kernel and torch's SDPA)."""
+    import tinysft.models.packed_attention as packed_attention
     from tinysft.config import LoraConfig
     from tinysft.models.load import add_lora
+
+    if not short:
+        monkeypatch.setattr(packed_attention, "SHORT_ATTENTION_MAX", 0)
 
     grads = {}
     for layout in ("padded", "packed"):
@@ -115,6 +121,64 @@ def test_packed_gradients_equal_padded_gradients(rows, tokenizer) -> None:
     for k, g in grads["padded"].items():
         assert g.abs().sum() > 0, k
         torch.testing.assert_close(grads["packed"][k], g, rtol=1e-4, atol=1e-6)
+
+
+def _attention_reference(q, k, v, prefix):
+    """float64 SDPA with k/v repeated per query head; query i reads keys 0 .. prefix + i."""
+    n, lk = q.shape[2], k.shape[2]
+    group = q.shape[1] // k.shape[1]
+    mask = torch.ones(n, lk, dtype=torch.bool).tril(prefix)
+    return F.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(group, 1),
+                                          v.double().repeat_interleave(group, 1), attn_mask=mask)
+
+
+@pytest.mark.parametrize("prefix", [0, 5])
+@pytest.mark.parametrize("heads", [(6, 2), (4, 4)], ids=["gqa", "mha"])
+def test_short_attention_equals_sdpa(prefix, heads) -> None:
+    """The short-segment kernel: output and q/k/v gradients of causal (and branch) attention, with
+    grouped and plain heads, as float64 SDPA gives them; strided q/k/v as the model passes them."""
+    from tinysft.models.packed_attention import _ShortAttention
+
+    gen = torch.Generator().manual_seed(0)
+    h, hkv = heads
+    n, d = 11, 8
+    # (1, T, H, D) transposed to (1, H, T, D): the layout the attention layers hand over.
+    q = torch.randn(1, n, h, d, generator=gen).transpose(1, 2).requires_grad_()
+    k = torch.randn(1, prefix + n, hkv, d, generator=gen).transpose(1, 2).requires_grad_()
+    v = torch.randn(1, prefix + n, hkv, d, generator=gen).transpose(1, 2).requires_grad_()
+    grad = torch.randn(1, h, n, d, generator=gen)
+    out = _ShortAttention.apply(q, k, v, d**-0.5, prefix)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    ref = _attention_reference(q, k, v, prefix)
+    want = torch.autograd.grad(ref, (q, k, v), grad.double())
+    torch.testing.assert_close(out, ref.float(), rtol=1e-5, atol=1e-5)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w.float(), rtol=1e-4, atol=1e-5)
+    # The check can fail: off by one in the mask (query i reading key prefix + i + 1) shows.
+    leaky = _attention_reference(q, k, v, prefix + 1)
+    assert not torch.allclose(out, leaky.float(), atol=1e-3)
+
+
+def test_short_attention_bf16_as_close_as_flash() -> None:
+    """In bf16 (training's dtype on AMX) the kernel is as close to float64 as torch's flash kernel."""
+    from tinysft.models.packed_attention import _ShortAttention
+
+    gen = torch.Generator().manual_seed(1)
+    n, d = 96, 64
+    q, k, v = (torch.randn(1, n, h, d, generator=gen).transpose(1, 2).bfloat16().requires_grad_() for h in (9, 3, 3))
+    grad = torch.randn(1, 9, n, d, generator=gen).bfloat16()
+    ref = _attention_reference(q, k, v, 0)
+    want = torch.autograd.grad(ref, (q, k, v), grad.double())
+
+    def errors(out: torch.Tensor) -> list[float]:
+        got = torch.autograd.grad(out, (q, k, v), grad)
+        return [float((out.detach().double() - ref.detach()).abs().max())] + [
+            float((g.double() - w).abs().max() / w.abs().max()) for g, w in zip(got, want, strict=True)]
+
+    ours = errors(_ShortAttention.apply(q, k, v, d**-0.5, 0))
+    flash = errors(F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+    for o, f in zip(ours, flash, strict=True):
+        assert o <= 2 * f + 1e-3, (ours, flash)
 
 
 @pytest.mark.parametrize("head", ["chunked", "logits_to_keep"])

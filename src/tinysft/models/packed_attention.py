@@ -19,6 +19,7 @@ of branches, so rows with branches need this implementation (``use_packed_attent
 
 from __future__ import annotations
 
+from functools import lru_cache
 from itertools import pairwise
 from typing import Any
 
@@ -27,6 +28,94 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 NAME = "tinysft_packed"
+# Segments with at most this many query tokens (and queries x keys at most its square) go
+# through _ShortAttention on a CPU (see there).
+SHORT_ATTENTION_MAX = 256
+
+
+@lru_cache(maxsize=32)
+def _causal_bias(n: int, prefix: int, group: int, device: str) -> torch.Tensor:
+    """(group * n, prefix + n) fp32: 0 where query i may read key j (j <= prefix + i), else -inf.
+
+    The n-row pattern is repeated for the `group` query heads that share one key head (rows are
+    (head, position) flattened, as _ShortAttention lays them out). Cached: a pass reuses one
+    conversation length in every layer.
+    """
+    hidden = torch.ones(n, prefix + n, dtype=torch.bool, device=device).triu_(prefix + 1)
+    return torch.zeros(n, prefix + n, device=device).masked_fill_(hidden, float("-inf")).repeat(group, 1)
+
+
+class _ShortAttention(torch.autograd.Function):
+    """Causal attention of one short segment as batched matmuls, its softmax kept for backward.
+
+    q (1, H, n, D); k, v (1, Hkv, prefix + n, D), H a multiple of Hkv (grouped-query attention:
+    query heads g*j .. g*j+g-1 read key head j, as ``repeat_interleave`` / ``enable_gqa`` do).
+    Query i reads keys 0 .. prefix + i: prefix = 0 is plain causal attention; a branch reads its
+    conversation's first `prefix` tokens too (``data.batching.pack``).
+
+    Why: torch's CPU flash kernel spends its backward in many tiny block GEMMs (measured on
+    SmolLM2-135M's 9 x 64 heads, bf16: backward ~3.5 ms against ~0.3 ms forward at 160 tokens,
+    rising with the length). Here the whole segment is 2 batched matmuls forward and 4 backward,
+    one per key head group: scores in fp32 (as flash accumulates them), products in the input
+    dtype. It keeps the (H, n, prefix + n) probabilities, which is why it is for short segments
+    only (SHORT_ATTENTION_MAX; flash is faster from ~300 tokens).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,  # type: ignore[override]
+                prefix: int) -> torch.Tensor:
+        _, heads, n, dim = q.shape
+        kv_heads = k.shape[1]
+        group = heads // kv_heads
+        with torch.autocast(q.device.type, enabled=False):  # fp32 scores even under bf16 autocast
+            qg = q[0].reshape(kv_heads, group * n, dim)  # rows: (query head in group, position)
+            k0, v0 = k[0], v[0]
+            scores = torch.baddbmm(_causal_bias(n, prefix, group, str(q.device)), qg.float(),
+                                   k0.float().transpose(1, 2), alpha=scale)  # (Hkv, g*n, prefix+n)
+            probs = torch.softmax(scores, dim=-1).to(q.dtype)
+            out = torch.bmm(probs, v0)  # (Hkv, g*n, D)
+        ctx.save_for_backward(qg, k0, v0, probs, out)
+        ctx.scale = scale
+        return out.view(1, heads, n, dim)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        qg, k0, v0, probs, out = ctx.saved_tensors
+        with torch.autocast(grad_out.device.type, enabled=False):
+            go = grad_out[0].reshape(qg.shape)
+            grad_v = torch.bmm(probs.transpose(1, 2), go)  # sums over the group's query heads
+            grad_p = torch.bmm(go.float(), v0.float().transpose(1, 2))  # (Hkv, g*n, prefix+n) fp32
+            go32 = go.float()
+            # Softmax backward: dS = P * (dP - rowsum(dO * O)) (rowsum(dO * O) == rowsum(P * dP)).
+            delta = (go32.mul_(out) if go32 is not go else go32 * out).sum(-1, keepdim=True)
+            grad_s = grad_p.sub_(delta).mul_(probs).mul_(ctx.scale).to(qg.dtype)
+            grad_q = torch.bmm(grad_s, k0)
+            grad_k = torch.bmm(grad_s.transpose(1, 2), qg)
+        return grad_q.view(grad_out.shape), grad_k[None], grad_v[None], None, None
+
+
+def _segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, dropout: float,
+                       prefix: int, gqa: bool, flash: bool) -> torch.Tensor:
+    """One segment: q (1, H, n, D), k/v (1, Hkv, prefix + n, D) -> (1, H, n, D), causal after `prefix`.
+
+    Short segments on a CPU: _ShortAttention. Otherwise torch's SDPA: with ``flash`` (a segment
+    without branches) torch picks the kernel, on a CPU the flash kernel, which keeps only its
+    output and log-sum-exp for backward (measured, 1 epoch of the benchmark set, bf16 on AMX: 4%
+    faster and 100 MB less peak RSS than the math kernel, which saves fp32 copies of q/k/v and of
+    the attention weights). Conversations with branches, and branches, on the math kernel: the
+    CPU flash kernel's backward took ~3 ms per call on them against ~1 ms on others (15 steps of
+    the demo recipe; cause not found), and a branch needs a mask, which flash takes none of.
+    """
+    n = q.shape[2]
+    short = n * (prefix + n) <= SHORT_ATTENTION_MAX**2  # bounds the probabilities it keeps
+    if q.device.type == "cpu" and dropout == 0.0 and short and q.shape[1] % k.shape[1] == 0:
+        return _ShortAttention.apply(q, k, v, scale if scale is not None else q.shape[-1] ** -0.5, prefix)
+    if flash:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale, is_causal=True, enable_gqa=gqa)
+    mask = None if prefix == 0 else torch.ones(n, prefix + n, dtype=torch.bool, device=q.device).tril(prefix)
+    with sdpa_kernel(SDPBackend.MATH):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale,
+                                              is_causal=mask is None, enable_gqa=gqa)
 
 
 def segment_bounds(position_ids: torch.Tensor) -> list[list[int]]:
@@ -68,30 +157,14 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
             if not is_branch:
                 root = i
             branched = i + 1 < len(first) and first[i + 1] > 0  # rejected branches read this one's keys
-            if not is_branch and not branched:
-                # torch picks the kernel: on a CPU the flash kernel, which keeps only its output and
-                # log-sum-exp for backward. Measured (1 epoch of the benchmark set, bf16 on AMX): 4%
-                # faster and 100 MB less peak RSS than forcing the math kernel, which saves fp32
-                # copies of q/k/v and of every conversation's (H, L, L) attention weights.
-                parts.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling,
-                                                            is_causal=True, enable_gqa=gqa))
-                continue
-            # Conversations with branches, and branches, on the math kernel. Measured in training
-            # (15 steps of the demo recipe): the CPU flash kernel's backward took ~3 ms per call on
-            # these segments against ~1 ms on others (cause not found), so the pairs made the pass
-            # slower than a pass of their own; on the math kernel they cost what their tokens cost.
-            mask = None
+            prefix = first[i] if is_branch else 0
             if is_branch:
-                # A branch (see data.batching.pack): it continues its conversation's first first[i]
-                # tokens, so it attends to those and, causally, to itself.
-                p = first[i]
-                k = torch.cat([ks[root][:, :, :p], k], dim=2)
-                v = torch.cat([vs[root][:, :, :p], v], dim=2)
-                n = q.shape[2]
-                mask = torch.ones(n, p + n, dtype=torch.bool, device=q.device).tril(p)
-            with sdpa_kernel(SDPBackend.MATH):
-                parts.append(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling,
-                                                            is_causal=mask is None, enable_gqa=gqa))
+                # A branch (see data.batching.pack): it continues its conversation's first
+                # first[i] tokens, so it attends to those and, causally, to itself.
+                k = torch.cat([ks[root][:, :, :prefix], k], dim=2)
+                v = torch.cat([vs[root][:, :, :prefix], v], dim=2)
+            parts.append(_segment_attention(q, k, v, scaling, dropout, prefix, gqa,
+                                            flash=not is_branch and not branched))
         rows.append(torch.cat(parts, dim=2))  # (1, H, T, D)
     out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
     return out.transpose(1, 2).contiguous(), None
