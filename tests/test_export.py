@@ -82,7 +82,12 @@ def small_bpe_model_dir(tmp_path_factory, tokenizer) -> Path:
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory, small_bpe_model_dir) -> Path:
     # all-linear: the MLP weights (ffn_gate/up/down) carry the adapter too, so their layout is checked.
-    return train_run(small_bpe_model_dir, tmp_path_factory.mktemp("gguf-run"), "lora.target_modules=all-linear")
+    # 3 epochs: after 1 the random model's next-token logits are near ties, and which greedy token a
+    # format's rounding flips depends on the float path of training (measured: the same run on two
+    # attention kernels, train loss 5.9084 / 5.9085, logits within 0.004 of the merged model in
+    # both, gave q8_0 continuations 98% and 32% identical); after 3, 6 of 6 identical on both.
+    return train_run(small_bpe_model_dir, tmp_path_factory.mktemp("gguf-run"), "lora.target_modules=all-linear",
+                     "train.epochs=3")
 
 
 def tuned_and_base_logits(run: Path) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -201,8 +206,9 @@ def test_gguf_export_reads_back_and_matches_the_merged_model(small_run: Path, tm
     assert report.max_weight_error <= {"f16": 2.0**-11 * 1.001, "q8_0": 1 / 200}[gguf_type]
     assert report.max_logit_diff < 0.05
     # A random model has near-ties, so rounding can flip a greedy token and the rest of the continuation
-    # follows it. Measured: f16 5-6/6 identical (99% of tokens); q8_0 2-4/6 identical, 90-92% of
-    # tokens, depending on the trained adapter: for q8_0 the logit and weight bounds above are the check.
+    # follows it. Measured with the 1-epoch adapter: f16 5-6/6 identical (99% of tokens); q8_0 2-4/6
+    # identical, 90-92% of tokens (once 32%), depending on the trained adapter; with 3 epochs (small_run)
+    # 6/6 for both: for q8_0 the logit and weight bounds above are the check.
     assert report.token_agreement >= 0.8, report
     if gguf_type == "f16":
         assert report.identical >= report.prompts // 2, report

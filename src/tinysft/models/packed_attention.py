@@ -58,7 +58,7 @@ class _ShortAttention(torch.autograd.Function):
     rising with the length). Here the whole segment is 2 batched matmuls forward and 4 backward,
     one per key head group: scores in fp32 (as flash accumulates them), products in the input
     dtype. It keeps the (H, n, prefix + n) probabilities, which is why it is for short segments
-    only (SHORT_ATTENTION_MAX; flash is faster from ~300 tokens).
+    only (SHORT_ATTENTION_MAX; at 260-330 tokens the two kernels tie, docs/benchmarks.md).
     """
 
     @staticmethod
@@ -84,8 +84,8 @@ class _ShortAttention(torch.autograd.Function):
         with torch.autocast(grad_out.device.type, enabled=False):
             go = grad_out[0].reshape(qg.shape)
             grad_v = torch.bmm(probs.transpose(1, 2), go)  # sums over the group's query heads
-            grad_p = torch.bmm(go.float(), v0.float().transpose(1, 2))  # (Hkv, g*n, prefix+n) fp32
             go32 = go.float()
+            grad_p = torch.bmm(go32, v0.float().transpose(1, 2))  # (Hkv, g*n, prefix+n) fp32
             # Softmax backward: dS = P * (dP - rowsum(dO * O)) (rowsum(dO * O) == rowsum(P * dP)).
             delta = (go32.mul_(out) if go32 is not go else go32 * out).sum(-1, keepdim=True)
             grad_s = grad_p.sub_(delta).mul_(probs).mul_(ctx.scale).to(qg.dtype)
