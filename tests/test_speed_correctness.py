@@ -159,6 +159,28 @@ def test_short_attention_equals_sdpa(prefix, heads) -> None:
     assert not torch.allclose(out, leaky.float(), atol=1e-3)
 
 
+def test_short_attention_only_where_a_backward_follows(monkeypatch) -> None:
+    """Training passes take the short-segment kernel; forward-only passes (eval loss, scoring) and
+    long segments take torch's SDPA, which is faster without a backward; both give the same output."""
+    import tinysft.models.packed_attention as packed_attention
+
+    calls = []
+    real = packed_attention._ShortAttention.apply
+    monkeypatch.setattr(packed_attention._ShortAttention, "apply", lambda *a: calls.append(1) or real(*a))
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 4, 9, 8, generator=gen, requires_grad=True)
+    k, v = (torch.randn(1, 2, 9, 8, generator=gen, requires_grad=True) for _ in range(2))
+    with torch.no_grad():
+        forward_only = packed_attention._segment_attention(q, k, v, None, 0.0, 0, True, flash=True)
+    assert calls == []
+    trained = packed_attention._segment_attention(q, k, v, None, 0.0, 0, True, flash=True)
+    assert calls == [1]
+    torch.testing.assert_close(trained.detach(), forward_only, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(packed_attention, "SHORT_ATTENTION_MAX", 8)  # 9 tokens: too long
+    packed_attention._segment_attention(q, k, v, None, 0.0, 0, True, flash=True)
+    assert calls == [1]
+
+
 def test_short_attention_bf16_as_close_as_flash() -> None:
     """In bf16 (training's dtype on AMX) the kernel is as close to float64 as torch's flash kernel."""
     from tinysft.models.packed_attention import _ShortAttention
