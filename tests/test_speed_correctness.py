@@ -171,13 +171,13 @@ def test_short_attention_only_where_a_backward_follows(monkeypatch) -> None:
     q = torch.randn(1, 4, 9, 8, generator=gen, requires_grad=True)
     k, v = (torch.randn(1, 2, 9, 8, generator=gen, requires_grad=True) for _ in range(2))
     with torch.no_grad():
-        forward_only = packed_attention._segment_attention(q, k, v, None, 0.0, 0, True, flash=True)
+        forward_only = packed_attention._segment_attention(q, k, v, None, 0.0, 0, flash=True)
     assert calls == []
-    trained = packed_attention._segment_attention(q, k, v, None, 0.0, 0, True, flash=True)
+    trained = packed_attention._segment_attention(q, k, v, None, 0.0, 0, flash=True)
     assert calls == [1]
     torch.testing.assert_close(trained.detach(), forward_only, rtol=1e-5, atol=1e-6)
     monkeypatch.setattr(packed_attention, "SHORT_ATTENTION_MAX", 8)  # 9 tokens: too long
-    packed_attention._segment_attention(q, k, v, None, 0.0, 0, True, flash=True)
+    packed_attention._segment_attention(q, k, v, None, 0.0, 0, flash=True)
     assert calls == [1]
 
 

@@ -95,18 +95,19 @@ class _ShortAttention(torch.autograd.Function):
 
 
 def _segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, dropout: float,
-                       prefix: int, gqa: bool, flash: bool) -> torch.Tensor:
+                       prefix: int, flash: bool) -> torch.Tensor:
     """One segment: q (1, H, n, D), k/v (1, Hkv, prefix + n, D) -> (1, H, n, D), causal after `prefix`.
 
-    Short segments on a CPU, when a backward follows: _ShortAttention. Otherwise torch's SDPA: with ``flash`` (a segment
-    without branches) torch picks the kernel, on a CPU the flash kernel, which keeps only its
-    output and log-sum-exp for backward (measured, 1 epoch of the benchmark set, bf16 on AMX: 4%
+    Short segments on a CPU, when a backward follows: _ShortAttention. Otherwise torch's SDPA:
+    with ``flash`` (a segment without branches) torch picks the kernel, on a CPU the flash kernel,
+    which keeps only its output and log-sum-exp for backward (measured, 1 epoch of the benchmark set, bf16 on AMX: 4%
     faster and 100 MB less peak RSS than the math kernel, which saves fp32 copies of q/k/v and of
     the attention weights). Conversations with branches, and branches, on the math kernel: the
     CPU flash kernel's backward took ~3 ms per call on them against ~1 ms on others (15 steps of
     the demo recipe; cause not found), and a branch needs a mask, which flash takes none of.
     """
     n = q.shape[2]
+    gqa = q.shape[1] != k.shape[1]
     short = n * (prefix + n) <= SHORT_ATTENTION_MAX**2  # bounds the probabilities it keeps
     # Only where a backward follows: forward alone, flash is ~4x faster (160 tokens: 0.17 vs 0.64 ms).
     backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
@@ -143,7 +144,6 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     if not packed or all(len(b) == 2 for b in bounds):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       position_ids=position_ids, **kwargs)
-    gqa = query.shape[1] != key.shape[1]
     starts = position_ids.expand(query.shape[0], -1)
     rows = []
     for b, cuts in enumerate(bounds):
@@ -165,8 +165,7 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
                 # first[i] tokens, so it attends to those and, causally, to itself.
                 k = torch.cat([ks[root][:, :, :prefix], k], dim=2)
                 v = torch.cat([vs[root][:, :, :prefix], v], dim=2)
-            parts.append(_segment_attention(q, k, v, scaling, dropout, prefix, gqa,
-                                            flash=not is_branch and not branched))
+            parts.append(_segment_attention(q, k, v, scaling, dropout, prefix, flash=not is_branch and not branched))
         rows.append(torch.cat(parts, dim=2))  # (1, H, T, D)
     out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
     return out.transpose(1, 2).contiguous(), None
