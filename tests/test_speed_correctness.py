@@ -360,6 +360,9 @@ def test_split_batch_pieces_add_up_to_the_batch(rows, tokenizer, layout) -> None
     for i, (name, p) in enumerate(model.named_parameters()):
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(i))
+    # float64: the sums are the same, only their order differs, and in float32 that order moved a
+    # gradient element by 2e-6 (3.5e-4 relative) on an AMD EPYC (Zen 4) where Sapphire Rapids passed.
+    model.double()
     use_packed_attention(model)
     batch = (pack if layout == "packed" else collate)(rows, tokenizer.pad_token_id)
     limit = batch.n_tokens // 2  # whole conversations: 2 or 3 pieces, some with several
@@ -757,3 +760,95 @@ def test_fused_lora_leaves_lora_bias_to_peft() -> None:
     expected = model(x)
     assert use_fused_lora(model) == 1
     assert torch.equal(model(x), expected)
+
+
+def _shared_opening_rows(tokenizer) -> tuple[list[Rendered], list[Rendered]]:
+    """SFT rows with shared openings at two depths (the template's system prompt; a whole prompt
+    answered twice, which sorts next to a row with a different prompt), one with its own system
+    prompt, paired rows with rejected branches, and pool pairs (``pair_only``) of them."""
+    import dataclasses
+
+    import tinysft.train as train_mod
+
+    colours = "Name three colours of the rainbow, please."
+    chats = [
+        [{"role": "user", "content": colours}, {"role": "assistant", "content": "Red, orange and yellow."}],
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"}],
+        [{"role": "user", "content": colours}, {"role": "assistant", "content": "Green, blue and violet."}],
+        [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "2+2?"},
+         {"role": "assistant", "content": "4."}],
+        [{"role": "user", "content": "Name a big cat."}, {"role": "assistant", "content": "A tiger."}],
+    ]
+    from tinysft.data.formats import Conversation
+
+    paired_convs = [c for c in _paired_conversations() if c.extra]
+    sft = [render(c, tokenizer) for c in chats]
+    paired = train_mod.rows_with_rejected(paired_convs, train_mod.render_all(paired_convs, tokenizer, 512), tokenizer,
+                                          512, None, 4)
+    pairs = train_mod.preference_pairs([Conversation(c.messages, c.source, extra=c.extra) for c in paired_convs],
+                                       tokenizer, 512, None, 4)
+    pool = [dataclasses.replace(train_mod.with_rejected(c, [r]), pair_only=True) for c, r in pairs]
+    return [*sft, *paired], pool
+
+
+@pytest.mark.parametrize("short", [True, False], ids=["short-attention", "sdpa"])
+def test_shared_prefixes_keep_losses_and_gradients(tokenizer, short, monkeypatch) -> None:
+    """A packed batch whose shared openings are computed once (``share_prefixes``) gives the
+    batch's SFT loss, preference term and LoRA gradients, with fewer tokens in the pass."""
+    import tinysft.models.packed_attention as packed_attention
+    import tinysft.train as train_mod
+    from tinysft.data.batching import append_rows, share_prefixes
+
+    if not short:
+        monkeypatch.setattr(packed_attention, "SHORT_ATTENTION_MAX", 0)
+    sft_rows, pool = _shared_opening_rows(tokenizer)
+    batch = append_rows(pack(sft_rows, tokenizer.pad_token_id), pool)
+    shared = share_prefixes(batch)
+    system = len(render([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], tokenizer).input_ids)
+    # Every conversation but the first and the one with its own system prompt drops at least the
+    # template's system prompt; the second colours row drops its whole prompt.
+    assert batch.input_ids.shape[1] - shared.input_ids.shape[1] > (len(sft_rows) + len(pool) - 2) * (system - 10)
+    assert (shared.n_tokens, shared.n_trained, shared.n_pairs) == (batch.n_tokens, batch.n_trained, batch.n_pairs)
+    assert int((shared.labels != IGNORE).sum()) == int((batch.labels != IGNORE).sum())
+    assert int((shared.rejected_targets != IGNORE).sum()) == int((batch.rejected_targets != IGNORE).sum())
+    model = _lora_tiny(tokenizer)
+
+    def run(b: Batch) -> tuple[float, float, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        sft, _n, pref = train_mod.lm_and_pair_loss(model, b)
+        (sft + pref).backward()
+        return float(sft.detach()), float(pref.detach()), {k: p.grad.clone() for k, p in model.named_parameters()
+                                                           if p.requires_grad}
+
+    sft, pref, grads = run(batch)
+    sft_s, pref_s, grads_s = run(shared)
+    assert sft_s == pytest.approx(sft, rel=1e-5) and pref_s == pytest.approx(pref, rel=1e-5)
+    for k, g in grads.items():
+        assert g.abs().sum() > 0, k
+        torch.testing.assert_close(grads_s[k], g, rtol=1e-4, atol=1e-6)
+
+
+def test_shared_prefixes_read_the_conversation_that_holds_them(tokenizer) -> None:
+    """Each shared segment reads its opening from the latest conversation that starts before it,
+    not from the row's first one: the second colours row's prompt is in the first colours row."""
+    from tinysft.data.batching import share_prefixes
+
+    sft_rows, _ = _shared_opening_rows(tokenizer)
+    shared = share_prefixes(pack(sft_rows, tokenizer.pad_token_id))
+    firsts = [int(shared.position_ids[0, s]) for s in segment_bounds(shared.position_ids)[0][:-1]]
+    assert firsts[0] == 0 and len(set(firsts[1:])) > 1 and all(f > 0 for f in firsts[1:3])  # two depths
+    model = _tiny_llama(len(tokenizer))
+    assert use_packed_attention(model)
+    with torch.no_grad():
+        alone = [float(per_token_loss(model, collate([r], tokenizer.pad_token_id)).sum()) for r in sft_rows]
+        together = float(per_token_loss(model, shared).sum())
+    assert together == pytest.approx(sum(alone), rel=1e-5)
+
+
+def test_shared_prefixes_leave_unpacked_and_single_batches_alone(rows, tokenizer) -> None:
+    from tinysft.data.batching import share_prefixes
+
+    padded = collate(rows, tokenizer.pad_token_id)
+    assert share_prefixes(padded) is padded
+    one = pack(rows[:1], tokenizer.pad_token_id)
+    assert share_prefixes(one) is one

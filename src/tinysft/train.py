@@ -39,6 +39,7 @@ from tinysft.data.batching import (
     collate,
     make_batches,
     pack,
+    share_prefixes,
     split_batch,
 )
 from tinysft.data.formats import Conversation
@@ -127,8 +128,13 @@ def lm_and_pair_loss(model: Any, batch: Batch, weights: torch.Tensor | None = No
         chosen_t, rejected_t = batch.chosen_targets[0], batch.rejected_targets[0]  # (T,) per predicting position
         at_c, at_r = (chosen_t != IGNORE).nonzero().squeeze(-1), (rejected_t != IGNORE).nonzero().squeeze(-1)
         pos = batch.position_ids[0]
-        owner = (pos == 0).cumsum(0) - 1  # conversation of each position (its branches included)
         segment = F.pad((pos[1:] - pos[:-1] != 1).cumsum(0), (1, 0))  # the conversation or branch of each position
+        # A rejected branch is a segment with rejected targets; each branch belongs to the latest
+        # conversation before it (which, after data.batching.share_prefixes, need not start at 0).
+        n_seg = int(segment[-1]) + 1
+        is_branch = torch.zeros(n_seg, dtype=torch.bool, device=pos.device).index_fill_(0, segment[at_r], True)
+        seg_idx = torch.arange(n_seg, device=pos.device)
+        conv_of = torch.where(is_branch, -1, seg_idx).cummax(0).values  # segment -> its conversation's segment
     head = plain_lm_head(model)
     if head is not None:
         # logits_to_keep=[] (no position): the model's own head does no work (with 1 position it
@@ -171,10 +177,10 @@ def lm_and_pair_loss(model: Any, batch: Batch, weights: torch.Tensor | None = No
     # Summed log-probability of each conversation's chosen tokens and of each branch's rejected ones.
     lp = logprobs.gather(1, torch.cat([chosen_t[at_c], rejected_t[at_r]])[:, None]).squeeze(1)
     n_c = len(at_c)
-    chosen = lp.new_zeros(int(owner[-1]) + 1).index_add(0, owner[at_c], lp[:n_c])
+    chosen = lp.new_zeros(n_seg).index_add(0, conv_of[segment[at_c]], lp[:n_c])  # per conversation segment
     branches = segment[at_r].unique()  # one pair per branch
-    rejected = lp.new_zeros(int(segment[-1]) + 1).index_add(0, segment[at_r], lp[n_c:])[branches]
-    conv = owner[torch.searchsorted(segment, branches)]  # each branch's conversation (from its first position)
+    rejected = lp.new_zeros(n_seg).index_add(0, segment[at_r], lp[n_c:])[branches]
+    conv = conv_of[branches]  # each branch's conversation
     # A conversation with several rejected answers is one example: the mean of its pairs' terms.
     per_conv = lp.new_zeros(len(chosen)).index_add(0, conv, torch.ones_like(rejected))
     terms = -F.logsigmoid(beta * (chosen[conv] - rejected)) / per_conv[conv]
@@ -599,6 +605,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
     pair_rows = ([dataclasses.replace(with_rejected(c, [r]), pair_only=True) for c, r in pairs]
                  if packed_attention else [])
     row_pairs = in_batch or bool(pair_rows)
+    share = packed_attention and cfg.train.share_prefixes
 
     if is_main:
         cfg.save(run_dir / "config.yaml")
@@ -783,6 +790,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
                     chosen_idx = [pair_order[(first_pair + j) % len(pairs)] for j in range(pairs_per_step)]
                     if pair_rows:  # scored in the last piece's pass: only their prompts and tokens added
                         pieces[-1] = append_rows(pieces[-1], [pair_rows[i] for i in chosen_idx])
+                if share:
+                    pieces = [share_prefixes(p) for p in pieces]
                 counts = accelerator.reduce(torch.tensor([float(sum(loss_weight(b) for b in group)),
                                                           float(sum(p.n_pairs for p in pieces))], device=device), "sum")
                 n_step_tokens = max(float(counts[0]), 1.0)

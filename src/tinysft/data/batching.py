@@ -210,6 +210,91 @@ def split_batch(batch: Batch, max_tokens: int | None) -> list[Batch]:
     return out
 
 
+# A conversation shares its opening tokens with the one before it only from this many on: each
+# shared segment costs one concatenation of keys and values per layer.
+MIN_SHARED_TOKENS = 4
+
+
+def share_prefixes(batch: Batch) -> Batch:
+    """The same packed batch with the tokens that open several of its conversations computed once.
+
+    Chat data repeats its openings: the chat template's default system prompt (24 tokens of
+    SmolLM2's template), a shared instruction, the same prompt with another answer. A
+    conversation's hidden states depend only on the tokens before them, so where two
+    conversations start with the same tokens they have the same hidden states there. Here the
+    conversations (each with its rejected branches) are sorted by their tokens, and each one
+    after the first keeps only what follows the tokens it shares with the one before it: a
+    segment whose position ids start there, which ``models.packed_attention`` lets attend to
+    those tokens of the segment that holds them (the same rule as a rejected branch). Losses and
+    gradients are those of ``batch`` (sums over the same targets), up to float rounding.
+
+    A conversation never gives up a token whose hidden state has a target of its own (the
+    template text before its first trained token is what is shared), nor its prefix beyond the
+    start of the previous conversation's rejected branches (their position ids would claim it),
+    nor the previous conversation's last token (segments are found where position ids stop
+    growing by one). ``n_tokens``, ``n_trained`` and ``n_pairs`` stay as they are: the batch holds
+    the same conversations. For packed (1, T) rows as ``pack``, ``append_rows`` and
+    ``split_batch`` make them (every conversation starting at position 0); others are returned as
+    they are.
+    """
+    if batch.attention_mask is not None or batch.input_ids.shape[0] != 1:
+        return batch
+    pos = batch.position_ids[0].tolist()
+    ids = batch.input_ids[0].tolist()
+    labels = batch.labels[0].tolist()
+    chosen = batch.chosen_targets[0].tolist() if batch.chosen_targets is not None else None
+    units: list[list[tuple[int, int]]] = []  # per conversation: its run, then its branches' runs
+    for s, e in _runs(pos):
+        if pos[s] == 0 or not units:
+            units.append([(s, e)])
+        else:
+            units[-1].append((s, e))
+    if len(units) < 2:
+        return batch
+
+    def free(unit: list[tuple[int, int]]) -> int:
+        """Leading tokens of the conversation whose hidden states have no target of its own."""
+        s, e = unit[0]
+        limit = e - s - 1
+        for j in range(1, e - s):
+            if labels[s + j] != IGNORE:  # predicted by the hidden state at j - 1
+                limit = min(limit, j - 1)
+                break
+        if chosen is not None:
+            limit = min(limit, next((j for j in range(e - s) if chosen[s + j] != IGNORE), limit))
+        return min([limit, *(pos[b] for b, _ in unit[1:])])
+
+    units.sort(key=lambda u: ids[u[0][0] : u[0][1]])
+    keep: list[int] = []  # row indices, in the new order
+    prev: list[int] = []
+    prev_cap = 0
+    for unit in units:
+        s, e = unit[0]
+        tokens = ids[s:e]
+        shared = 0
+        for a, b in zip(prev, tokens[:prev_cap], strict=False):
+            if a != b:
+                break
+            shared += 1
+        shared = min(shared, free(unit))
+        if shared < MIN_SHARED_TOKENS:
+            shared = 0
+        keep.extend(range(s + shared, e))
+        for b, f in unit[1:]:
+            keep.extend(range(b, f))
+        # The next conversation may share at most up to this one's branches and short of its last token.
+        prev, prev_cap = tokens, min([e - s - 1, *(pos[b] for b, _ in unit[1:])])
+    if len(keep) == len(ids):
+        return batch
+    index = torch.tensor(keep)
+
+    def take(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t[:, index]
+
+    return Batch(take(batch.input_ids), take(batch.labels), None, take(batch.position_ids), batch.n_tokens,
+                 batch.n_trained, take(batch.chosen_targets), take(batch.rejected_targets), batch.n_pairs)
+
+
 def _root_tokens(positions: list[int]) -> list[int]:
     """Lengths of a packed row's conversations, without their rejected branches."""
     return [e - s for s, e in _runs(positions) if positions[s] == 0]

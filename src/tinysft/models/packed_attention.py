@@ -11,10 +11,13 @@ Everything that is not a packed training row (padding masks, a KV cache, generat
 transformers' own SDPA path unchanged, so a model switched to this implementation behaves exactly
 as with ``attn_implementation="sdpa"`` there.
 
-A segment whose position ids start above 0 is a *branch* of the conversation before it (a
-rejected answer laid out by ``data.batching.pack``): it attends to that conversation's first
-tokens (as many as its first position id) and to itself. transformers' own mask has no notion
-of branches, so rows with branches need this implementation (``use_packed_attention``).
+A segment whose position ids start at p > 0 is a *branch*: it continues the first p tokens of the
+latest segment before it that starts below p, and attends to those and to itself. Two layouts
+make branches: a rejected answer after its conversation (``data.batching.pack``), and a
+conversation that shares its opening with the one before it (``data.batching.share_prefixes``),
+whose first p tokens lie in that conversation, or further back in the one that holds them.
+transformers' own mask has no notion of branches, so rows with branches need this
+implementation (``use_packed_attention``).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ NAME = "tinysft_packed"
 SHORT_ATTENTION_MAX = 256
 
 
-@lru_cache(maxsize=32)
+@lru_cache(maxsize=64)
 def _causal_bias(n: int, prefix: int, group: int, device: str) -> torch.Tensor:
     """(group * n, prefix + n) fp32: 0 where query i may read key j (j <= prefix + i), else -inf.
 
@@ -153,19 +156,19 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         first = starts[b, cuts[:-1]].tolist()  # each segment's first position id: 0, or a branch's offset
         qs, ks, vs = (t[b : b + 1].split(sizes, dim=2) for t in (query, key, value))
         parts = []
-        root = 0
+        paths: list[tuple[torch.Tensor, torch.Tensor]] = []  # each segment's keys / values from position 0
         for i, (q, k, v) in enumerate(zip(qs, ks, vs, strict=True)):
-            is_branch = i > 0 and first[i] > 0
-            if not is_branch:
-                root = i
-            branched = i + 1 < len(first) and first[i + 1] > 0  # rejected branches read this one's keys
-            prefix = first[i] if is_branch else 0
-            if is_branch:
-                # A branch (see data.batching.pack): it continues its conversation's first
-                # first[i] tokens, so it attends to those and, causally, to itself.
-                k = torch.cat([ks[root][:, :, :prefix], k], dim=2)
-                v = torch.cat([vs[root][:, :, :prefix], v], dim=2)
-            parts.append(_segment_attention(q, k, v, scaling, dropout, prefix, flash=not is_branch and not branched))
+            prefix = first[i] if i > 0 else 0
+            branched = i + 1 < len(first) and first[i + 1] > 0  # a later segment reads this one's keys
+            if prefix > 0:
+                # A branch: it continues the first `prefix` tokens of the latest segment that starts
+                # before it (its conversation, or for a shared opening the conversation that holds
+                # it), so it attends to those and, causally, to itself.
+                parent = next(j for j in range(i - 1, -1, -1) if first[j] < prefix)
+                k = torch.cat([paths[parent][0][:, :, :prefix], k], dim=2)
+                v = torch.cat([paths[parent][1][:, :, :prefix], v], dim=2)
+            paths.append((k, v))
+            parts.append(_segment_attention(q, k, v, scaling, dropout, prefix, flash=prefix == 0 and not branched))
         rows.append(torch.cat(parts, dim=2))  # (1, H, T, D)
     out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
     return out.transpose(1, 2).contiguous(), None
