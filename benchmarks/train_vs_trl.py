@@ -24,7 +24,10 @@ frozen weight (4 x the decoder's linear parameters), 6 per LoRA parameter (their
 too), 4 x the LM head only at positions whose next token is trained, and exact causal attention
 (QK^T and PV, forward + 2x backward, over each conversation's own length). It is divided by the
 best matmul rate measured in this run for the dtype tinysft computed in (fp32 where bf16 is
-emulated); the bf16 peak is printed as well.
+emulated); the bf16 peak is printed as well. tinysft computes the openings that packed
+conversations share (the template's system prompt) once (``train.share_prefixes``), so it runs
+fewer tokens through the model than the data holds: the share is printed, with the MFU of the
+work actually done (about MFU x that share).
 """
 
 from __future__ import annotations
@@ -137,6 +140,7 @@ def run_tinysft(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     tokens = result.tokens_per_s * result.seconds
     loaded = load_run(out / "run", log=lambda m: None)
     return {"tokens": tokens, "seconds": result.seconds, "steps": result.steps, "peak_rss_mb": rss,
+            "passed_tokens": result.passed_tokens,
             "train_loss": final_train_loss([h["loss"] for h in result.history if "loss" in h]),
             "eval_loss": eval_loss(loaded.model, loaded.tokenizer, spec),
             # What training computed in (the reloaded model is cast to fp32 for the eval loss).
@@ -353,6 +357,9 @@ def main() -> None:
     peak = {k: max(v) for k, v in peaks.items()}
     achieved = ours["tokens_per_s"] * flops["flops_per_token"]
     mfu = achieved / (peak[tiny_dtype] * 1e9)
+    # Shared openings (train.share_prefixes) pass through the model once: the FLOPs done are about
+    # this share of the data's (the same per-token cost assumed).
+    passed = median([r["passed_tokens"] for r in results["tinysft"]]) / ours["tokens"]
 
     print()
     print(f"{'side':18s} {'tok/s':>8s} {'train s':>8s} {'steps':>6s} {'peak RSS MB':>12s} {'train loss':>11s} {'eval loss':>10s}")
@@ -366,11 +373,14 @@ def main() -> None:
     print(f"matmul peak (2048^3, best of the run): fp32 {peak['float32']:.0f} GFLOP/s, bf16 {peak['bfloat16']:.0f} GFLOP/s; "
           f"tinysft computes in {tiny_dtype}: {achieved / 1e9:.1f} GFLOP/s achieved "
           f"({flops['flops_per_token'] / 1e6:.0f} MFLOP per token) = MFU {mfu:.1%}")
+    print(f"tokens through the model: {passed:.1%} of the data's (shared openings once): "
+          f"MFU of the work done about {mfu * passed:.1%}")
     line = {"tinysft_tokens_per_s": round(ours["tokens_per_s"], 1), "trl_tokens_per_s": round(t["tokens_per_s"], 1),
             "tinysft_eval_loss": round(ours["eval_loss"], 4), "trl_eval_loss": round(t["eval_loss"], 4),
             "tinysft_peak_rss_mb": round(ours["peak_rss_mb"]), "trl_peak_rss_mb": round(t["peak_rss_mb"]),
             "bf16_matmul_gflops": round(peak["bfloat16"], 1), "mfu": round(mfu, 4),
-            "fp32_matmul_gflops": round(peak["float32"], 1), "mfu_dtype": tiny_dtype, "trl_config": best_trl}
+            "fp32_matmul_gflops": round(peak["float32"], 1), "mfu_dtype": tiny_dtype, "trl_config": best_trl,
+            "tinysft_passed_share": round(passed, 4), "mfu_of_passed": round(mfu * passed, 4)}
     if args.out:
         args.out.write_text(json.dumps({"summary": line, "table": table, "runs": results, "peaks": peaks,
                                         "flops": flops, "cpu": cpu_name(), "args": vars(args) | {"out": str(args.out)}},

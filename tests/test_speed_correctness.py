@@ -273,27 +273,42 @@ def test_generation_unchanged_by_packed_attention(tokenizer) -> None:
     assert torch.equal(before, after)
 
 
-def test_packed_run_follows_unpacked_loss_curve(tmp_path: Path, tiny_model_dir, tokenizer) -> None:
-    """Same batches, same steps: with dropout off, packing changes only the speed (length grouping
-    is set for both, as its default follows packing)."""
+def test_packed_run_follows_unpacked_loss_curve(tmp_path: Path, tiny_model_dir, tokenizer, monkeypatch) -> None:
+    """Same batches, same steps: with dropout off, packing and shared openings change only the
+    speed (length grouping is set for all, as its default follows packing)."""
+    import tinysft.train as train_mod
     from conftest import CHAT_ROWS, write_jsonl
     from tinysft.config import load_config, parse_overrides
-    from tinysft.train import train
 
+    computed = []  # (tokens in, tokens out) of each pass that went through share_prefixes
+
+    def spy(batch: Batch) -> Batch:
+        out = share_prefixes(batch)
+        computed.append((batch.input_ids.shape[1], out.input_ids.shape[1]))
+        return out
+
+    from tinysft.data.batching import share_prefixes
+
+    monkeypatch.setattr(train_mod, "share_prefixes", spy)
     data = write_jsonl(tmp_path / "train.jsonl", CHAT_ROWS)
-    curves = {}
-    for packing in (False, True):
+    curves, shared = {}, {}
+    for name, packing, share in (("unpacked", False, True), ("packed", True, False), ("shared", True, True)):
+        computed.clear()
         cfg = load_config(None, parse_overrides([
             f"model.name={tiny_model_dir}", f"data.train={data}", "train.epochs=2",
             "train.batch_size=4", "train.learning_rate=1e-2", "train.log_every=1", "lora.r=4", "lora.alpha=8",
             "lora.dropout=0.0", "train.mixed_precision=no", f"train.packing={str(packing).lower()}",
-            "train.group_by_length=true"]))
-        train(cfg, tmp_path / f"run-{packing}", show_progress=False, log=lambda m: None)
-        lines = [json.loads(x) for x in (tmp_path / f"run-{packing}" / "metrics.jsonl").read_text().splitlines()]
-        curves[packing] = [h["loss"] for h in lines if "loss" in h]
-    assert len(curves[True]) == len(curves[False]) == 6
-    assert curves[True][-1] < curves[True][0]  # it trained
-    assert curves[True] == pytest.approx(curves[False], rel=1e-3)
+            "train.group_by_length=true", f"train.share_prefixes={str(share).lower()}"]))
+        train_mod.train(cfg, tmp_path / f"run-{name}", show_progress=False, log=lambda m: None)
+        lines = [json.loads(x) for x in (tmp_path / f"run-{name}" / "metrics.jsonl").read_text().splitlines()]
+        curves[name] = [h["loss"] for h in lines if "loss" in h]
+        shared[name] = list(computed)
+    assert len(curves["packed"]) == len(curves["unpacked"]) == 6
+    assert curves["packed"][-1] < curves["packed"][0]  # it trained
+    assert curves["packed"] == pytest.approx(curves["unpacked"], rel=1e-3)
+    assert curves["shared"] == pytest.approx(curves["unpacked"], rel=1e-3)
+    assert shared["unpacked"] == shared["packed"] == []  # only packed passes, and only where asked
+    assert len(shared["shared"]) == 6 and all(after < before for before, after in shared["shared"])
 
 
 def test_fast_dropout_matches_dropout_in_distribution() -> None:

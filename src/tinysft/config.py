@@ -129,7 +129,7 @@ class TrainConfig:
     share_prefixes: bool = True
     """In a packed pass, the opening tokens that a conversation shares with another (the chat
     template's system prompt, say) are computed once, as with a prompt cache: the same losses and
-    gradients for fewer tokens. Needs packing and tinysft's packed attention (else off)."""
+    gradients for fewer tokens. On a CPU, with packing and tinysft's packed attention (else off)."""
     group_by_length: bool | None = None
     """Put similar-length conversations in a batch, to save padding. None (default) = only without
     packing, which has no padding to save. Sorted batches gather one kind of row each (short

@@ -77,6 +77,9 @@ class TrainResult:
     seconds: float
     tokens_per_s: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    # Tokens the training passes ran through the model (all processes): padding, pair rows and
+    # rejected branches in, shared openings (train.share_prefixes) once.
+    passed_tokens: int = 0
 
 
 def render_all(convs: list[Conversation], tokenizer: Any, max_length: int, system_prompt: str | None = None) -> list[Rendered]:
@@ -605,7 +608,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
     pair_rows = ([dataclasses.replace(with_rejected(c, [r]), pair_only=True) for c, r in pairs]
                  if packed_attention else [])
     row_pairs = in_batch or bool(pair_rows)
-    share = packed_attention and cfg.train.share_prefixes
+    # CPU only: on a GPU the branches' attention runs torch's math kernel (not measured there).
+    share = packed_attention and cfg.train.share_prefixes and device.type == "cpu"
 
     if is_main:
         cfg.save(run_dir / "config.yaml")
@@ -678,7 +682,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
 
     step = 0
     history: list[dict[str, Any]] = []
-    seen_tokens = 0
+    seen_tokens = passed_tokens = 0
     window_loss, window_count = 0.0, 0  # the loss since the last log line (global sum, global tokens)
     # The preference term since the last log line (this rank), kept on the device until logged.
     window_pref, window_pref_n = torch.zeros((), device=device), 0
@@ -692,6 +696,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
         step = state["step"]
         window_loss, window_count = state.get("window_loss", 0.0), state.get("window_count", 0)
         seen_tokens, elapsed_before = state.get("seen_tokens", 0), state.get("elapsed_s", 0.0)
+        passed_tokens = state.get("passed_tokens", 0)
         say(f"Resuming from {existing} (step {step}/{total_steps}).")
         # Lines logged after the checkpoint are dropped: the continued run writes them again. A line
         # cut short by a kill is skipped.
@@ -727,6 +732,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
                 torch.save(rng, tmp / f"rng-{r}.pt")
             (tmp / "state.json").write_text(json.dumps({
                 "step": step, "total_steps": total_steps, "world_size": world, "seen_tokens": seen_tokens,
+                "passed_tokens": passed_tokens,
                 "window_loss": window_loss, "window_count": window_count,
                 "elapsed_s": elapsed_before + time.time() - start}))
         accelerator.wait_for_everyone()
@@ -824,6 +830,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
                     accelerator.backward(loss)
                     step_loss += loss_sum.detach().float()
                     seen_tokens += b.n_tokens
+                    passed_tokens += b.input_ids.numel()
                 # One all-reduce per step: the global loss sum (for logging and the NaN check, so all
                 # ranks stop together) and whether any rank was interrupted.
                 totals = accelerator.reduce(torch.stack([step_loss, torch.tensor(float(interrupted["flag"]), device=device)]), "sum")
@@ -882,7 +889,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
     seconds = time.time() - start
     train_losses = [h["loss"] for h in history if "loss" in h]
     result = TrainResult(run_dir, step, train_losses[-1] if train_losses else float("nan"), last_eval, seconds,
-                         seen_tokens * world / max(elapsed_before + seconds, 1e-9), history)
+                         seen_tokens * world / max(elapsed_before + seconds, 1e-9), history, passed_tokens * world)
     if step < total_steps:
         return result
     # The final adapter: gathered on all ranks (FSDP / ZeRO-3), written by rank 0; its presence
