@@ -279,6 +279,7 @@ def test_packed_run_follows_unpacked_loss_curve(tmp_path: Path, tiny_model_dir, 
     import tinysft.train as train_mod
     from conftest import CHAT_ROWS, write_jsonl
     from tinysft.config import load_config, parse_overrides
+    from tinysft.data.batching import share_prefixes
 
     computed = []  # (tokens in, tokens out) of each pass that went through share_prefixes
 
@@ -286,8 +287,6 @@ def test_packed_run_follows_unpacked_loss_curve(tmp_path: Path, tiny_model_dir, 
         out = share_prefixes(batch)
         computed.append((batch.input_ids.shape[1], out.input_ids.shape[1]))
         return out
-
-    from tinysft.data.batching import share_prefixes
 
     monkeypatch.setattr(train_mod, "share_prefixes", spy)
     data = write_jsonl(tmp_path / "train.jsonl", CHAT_ROWS)
@@ -794,14 +793,11 @@ def _shared_opening_rows(tokenizer) -> tuple[list[Rendered], list[Rendered]]:
          {"role": "assistant", "content": "4."}],
         [{"role": "user", "content": "Name a big cat."}, {"role": "assistant", "content": "A tiger."}],
     ]
-    from tinysft.data.formats import Conversation
-
     paired_convs = [c for c in _paired_conversations() if c.extra]
     sft = [render(c, tokenizer) for c in chats]
     paired = train_mod.rows_with_rejected(paired_convs, train_mod.render_all(paired_convs, tokenizer, 512), tokenizer,
                                           512, None, 4)
-    pairs = train_mod.preference_pairs([Conversation(c.messages, c.source, extra=c.extra) for c in paired_convs],
-                                       tokenizer, 512, None, 4)
+    pairs = train_mod.preference_pairs(paired_convs, tokenizer, 512, None, 4)
     pool = [dataclasses.replace(train_mod.with_rejected(c, [r]), pair_only=True) for c, r in pairs]
     return [*sft, *paired], pool
 
