@@ -161,7 +161,8 @@ def test_short_attention_equals_sdpa(prefix, heads) -> None:
 
 def test_short_attention_only_where_a_backward_follows(monkeypatch) -> None:
     """Training passes take the short-segment kernel; forward-only passes (eval loss, scoring) and
-    long segments take torch's SDPA, which is faster without a backward; both give the same output."""
+    long segments without branches take torch's SDPA (flash is faster without a backward), and
+    segments with branches take it at any length; all give the same output."""
     import tinysft.models.packed_attention as packed_attention
 
     calls = []
@@ -179,6 +180,16 @@ def test_short_attention_only_where_a_backward_follows(monkeypatch) -> None:
     monkeypatch.setattr(packed_attention, "SHORT_ATTENTION_MAX", 8)  # 9 tokens: too long
     packed_attention._segment_attention(q, k, v, None, 0.0, 0, flash=True)
     assert calls == [1]
+    # A segment with branches (no flash) takes it at any length: its other path is the math kernel.
+    branched = packed_attention._segment_attention(q, k, v, None, 0.0, 0, flash=False)
+    assert calls == [1, 1]
+    torch.testing.assert_close(branched.detach(), forward_only, rtol=1e-5, atol=1e-6)
+    qb = q[:, :, 4:].detach().requires_grad_()  # a 5-token branch reading 4 tokens before it
+    packed_attention._segment_attention(qb, k, v, None, 0.0, 4, flash=False)
+    assert calls == [1, 1, 1]
+    monkeypatch.setattr(packed_attention, "SHORT_ATTENTION_MAX", 0)  # off: torch's SDPA everywhere
+    packed_attention._segment_attention(q, k, v, None, 0.0, 0, flash=False)
+    assert calls == [1, 1, 1]
 
 
 def test_short_attention_bf16_as_close_as_flash() -> None:

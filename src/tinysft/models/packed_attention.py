@@ -31,9 +31,12 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 NAME = "tinysft_packed"
-# Segments with at most this many query tokens (and queries x keys at most its square) go
-# through _ShortAttention on a CPU (see there).
-SHORT_ATTENTION_MAX = 256
+# On a CPU, training segments with at most this many query tokens (and queries x keys at most its
+# square) go through _ShortAttention; longer ones through torch's flash kernel, except a segment
+# with branches, or a branch, which takes _ShortAttention at any length: its other path is torch's
+# math kernel, which keeps fp32 attention weights (twice the size) and was 1.3-1.9x slower (260-500 tokens,
+# docs/benchmarks.md). 0 turns _ShortAttention off (torch's SDPA everywhere).
+SHORT_ATTENTION_MAX = 512
 
 
 @lru_cache(maxsize=64)
@@ -61,7 +64,8 @@ class _ShortAttention(torch.autograd.Function):
     rising with the length). Here the whole segment is 2 batched matmuls forward and 4 backward,
     one per key head group: scores in fp32 (as flash accumulates them), products in the input
     dtype. It keeps the (H, n, prefix + n) probabilities, which is why it is for short segments
-    only (SHORT_ATTENTION_MAX; at 260-330 tokens the two kernels tie, docs/benchmarks.md).
+    only where flash is the alternative (SHORT_ATTENTION_MAX; on Sapphire Rapids the two kernels
+    tied at 260-330 tokens, on an AMD EPYC this was 1.2-1.7x faster up to 512, docs/benchmarks.md).
     """
 
     @staticmethod
@@ -101,17 +105,20 @@ def _segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
                        prefix: int, flash: bool) -> torch.Tensor:
     """One segment: q (1, H, n, D), k/v (1, Hkv, prefix + n, D) -> (1, H, n, D), causal after `prefix`.
 
-    Short segments on a CPU, when a backward follows: _ShortAttention. Otherwise torch's SDPA:
+    On a CPU, when a backward follows: _ShortAttention for short segments, and for segments with
+    branches and branches at any length (SHORT_ATTENTION_MAX). Otherwise torch's SDPA:
     with ``flash`` (a segment without branches) torch picks the kernel, on a CPU the flash kernel,
     which keeps only its output and log-sum-exp for backward (measured, 1 epoch of the benchmark set, bf16 on AMX: 4%
     faster and 100 MB less peak RSS than the math kernel, which saves fp32 copies of q/k/v and of
-    the attention weights). Conversations with branches, and branches, on the math kernel: the
+    the attention weights). Conversations with branches, and branches, on the math kernel (a GPU,
+    attention dropout, no backward): the
     CPU flash kernel's backward took ~3 ms per call on them against ~1 ms on others (15 steps of
     the demo recipe; cause not found), and a branch needs a mask, which flash takes none of.
     """
     n = q.shape[2]
     gqa = q.shape[1] != k.shape[1]
-    short = n * (prefix + n) <= SHORT_ATTENTION_MAX**2  # bounds the probabilities it keeps
+    # The bound caps what _ShortAttention keeps where the alternative is flash, which keeps none.
+    short = n * (prefix + n) <= SHORT_ATTENTION_MAX**2 or (not flash and SHORT_ATTENTION_MAX > 0)
     # Only where a backward follows: forward alone, flash is ~4x faster (160 tokens: 0.17 vs 0.64 ms).
     backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if q.device.type == "cpu" and backward and dropout == 0.0 and short and q.shape[1] % k.shape[1] == 0:
