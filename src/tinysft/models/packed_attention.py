@@ -33,9 +33,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 NAME = "tinysft_packed"
 # On a CPU, training segments with at most this many query tokens (and queries x keys at most its
 # square) go through _ShortAttention; longer ones through torch's flash kernel, except a segment
-# with branches, or a branch, which takes _ShortAttention at any length: its other path is torch's
-# math kernel, which keeps fp32 attention weights (twice the size) and was 1.3-1.9x slower (260-500 tokens,
-# docs/benchmarks.md). 0 turns _ShortAttention off (torch's SDPA everywhere).
+# with branches, or a branch, which takes _ShortAttention at any length: its other path is
+# torch's math kernel, which keeps fp32 attention weights (twice the size) and was 1.3-1.9x
+# slower (260-500 tokens, docs/benchmarks.md). 0 turns _ShortAttention off (SDPA everywhere).
 SHORT_ATTENTION_MAX = 512
 
 
@@ -110,15 +110,15 @@ def _segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     with ``flash`` (a segment without branches) torch picks the kernel, on a CPU the flash kernel,
     which keeps only its output and log-sum-exp for backward (measured, 1 epoch of the benchmark set, bf16 on AMX: 4%
     faster and 100 MB less peak RSS than the math kernel, which saves fp32 copies of q/k/v and of
-    the attention weights). Conversations with branches, and branches, on the math kernel (a GPU,
-    attention dropout, no backward): the
-    CPU flash kernel's backward took ~3 ms per call on them against ~1 ms on others (15 steps of
-    the demo recipe; cause not found), and a branch needs a mask, which flash takes none of.
+    the attention weights). Conversations with branches, and branches, that do not take
+    _ShortAttention (a GPU, attention dropout, no backward) go to the math kernel: the CPU flash
+    kernel's backward took ~3 ms per call on them against ~1 ms on others (15 steps of the demo
+    recipe; cause not found), and a branch needs a mask, which flash takes none of.
     """
     n = q.shape[2]
     gqa = q.shape[1] != k.shape[1]
-    # The bound caps what _ShortAttention keeps where the alternative is flash, which keeps none.
-    short = n * (prefix + n) <= SHORT_ATTENTION_MAX**2 or (not flash and SHORT_ATTENTION_MAX > 0)
+    # The length bound applies only where the alternative is flash, which keeps no probabilities.
+    short = SHORT_ATTENTION_MAX > 0 and (not flash or n * (prefix + n) <= SHORT_ATTENTION_MAX**2)
     # Only where a backward follows: forward alone, flash is ~4x faster (160 tokens: 0.17 vs 0.64 ms).
     backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if q.device.type == "cpu" and backward and dropout == 0.0 and short and q.shape[1] % k.shape[1] == 0:
