@@ -271,3 +271,50 @@ def test_optimizer_is_fused_where_it_can_be_and_updates_like_the_default() -> No
     for g, w, start in zip(got, want, init, strict=True):
         assert not torch.equal(g, start)  # it moved
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+
+def _cpu_isa(monkeypatch, *, amx: bool, avx512_bf16: bool, faster: bool) -> list[int]:
+    """Pretend to be a CPU with the given bf16 instructions; returns a list that counts measurements."""
+    from tinysft.models import load
+
+    calls: list[int] = []
+    monkeypatch.delenv("TINYSFT_FAST_BF16", raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(load, "cpu_bf16_faster", lambda: calls.append(1) or faster)
+    return calls
+
+
+@pytest.mark.parametrize(("amx", "avx512_bf16", "faster", "expected", "measured"), [
+    (True, True, False, True, False),     # AMX: bf16, no need to measure
+    (False, True, True, True, True),      # AVX512-BF16 alone: bf16 only where it measured faster
+    (False, True, False, False, True),
+    (False, False, True, False, False),   # no bf16 instructions: emulated, never bf16
+])
+def test_auto_dtype_follows_the_cpu(monkeypatch, amx, avx512_bf16, faster, expected, measured) -> None:
+    from tinysft.models.load import fast_bf16_available, resolve_dtype
+
+    calls = _cpu_isa(monkeypatch, amx=amx, avx512_bf16=avx512_bf16, faster=faster)
+    assert fast_bf16_available("cpu") is expected
+    assert resolve_dtype("auto", "cpu") == (torch.bfloat16 if expected else torch.float32)
+    assert bool(calls) is measured
+
+
+def test_fast_bf16_environment_switch(monkeypatch) -> None:
+    from tinysft.models.load import fast_bf16_available
+
+    calls = _cpu_isa(monkeypatch, amx=False, avx512_bf16=True, faster=False)
+    monkeypatch.setenv("TINYSFT_FAST_BF16", "1")
+    assert fast_bf16_available("cpu") is True and not calls  # on, without measuring
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.setenv("TINYSFT_FAST_BF16", "0")
+    assert fast_bf16_available("cpu") is False  # off, even with AMX
+
+
+def test_bf16_measurement_leaves_the_random_state_alone() -> None:
+    from tinysft.models.load import cpu_bf16_faster
+
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    assert isinstance(cpu_bf16_faster.__wrapped__(rounds=1), bool)
+    assert torch.equal(torch.get_rng_state(), before)
