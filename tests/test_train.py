@@ -120,10 +120,12 @@ def test_runs_with_different_precisions_in_one_process(tmp_path, tiny_model_dir,
     from accelerate.state import AcceleratorState
 
     for i, mp in enumerate(["no", "bf16", "no"]):
+        logs: list[str] = []
         result = train(tiny_cfg(tiny_model_dir, chat_file, "train.epochs=1", f"train.mixed_precision={mp}"),
-                       tmp_path / f"run-{i}", show_progress=False, log=lambda m: None)
+                       tmp_path / f"run-{i}", show_progress=False, log=logs.append)
         assert (tmp_path / f"run-{i}" / "adapter" / "adapter_model.safetensors").is_file()
         assert AcceleratorState().mixed_precision == mp
+        assert f"computing in {'bf16 autocast' if mp == 'bf16' else 'fp32'} on cpu." in "\n".join(logs)
         assert all(torch.isfinite(torch.tensor([h["loss"] for h in result.history if "loss" in h])))
 
 

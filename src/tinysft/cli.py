@@ -142,7 +142,7 @@ def models() -> None:
     for row in list_models():
         out.print(f"\n[bold]{row['name']}[/bold]  ({row['kind']})  {row['description']}", highlight=False)
         out.print(f"  source: {row['source']}\n  cache:  {row['status']}", highlight=False, soft_wrap=True)
-    cpu_dtype = "bf16" if fast_bf16_available("cpu") else "fp32 (no fast bf16 on this CPU)"
+    cpu_dtype = "bf16" if fast_bf16_available("cpu") else "fp32 (bf16 matmuls are not faster on this CPU)"
     out.print(f"\nThis machine: CPU training computes in {cpu_dtype}; memory allocator: {allocator_in_use()}",
               highlight=False)
 

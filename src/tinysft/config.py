@@ -123,7 +123,8 @@ class TrainConfig:
     seed: int = 42
     """Seeds data order, LoRA init and dropout."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    """auto = bf16 autocast on CUDA with bf16 and on CPUs with AMX/AVX512-BF16, else fp32."""
+    """auto = bf16 autocast on CUDA with bf16, on CPUs with AMX, and on CPUs with AVX512-BF16 where a bf16 matmul
+    measures faster than fp32 (models.load.fast_bf16_available); else fp32."""
     packing: bool = True
     """Pack several conversations per row (attention stays within each conversation)."""
     share_prefixes: bool = True

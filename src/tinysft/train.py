@@ -570,6 +570,9 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
     random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     base, tokenizer, model_path = load_causal_lm(cfg.model, device=device, log=say)
+    # dtype / mixed_precision "auto" depend on the hardware (on some CPUs on a measurement): say what was picked.
+    compute = {"bf16": "bf16 autocast", "fp16": "fp16 autocast"}.get(accelerator.mixed_precision, "fp32")
+    say(f"Base weights in {str(base.dtype).removeprefix('torch.')}, computing in {compute} on {device.type}.")
     rows = render_all(train_convs, tokenizer, cfg.data.max_length, cfg.data.system_prompt)
     eval_rows = render_all(eval_convs, tokenizer, cfg.data.max_length, cfg.data.system_prompt) if eval_convs else []
     in_batch = cfg.train.preference_weight > 0 and cfg.train.preference_in_batch
