@@ -192,6 +192,27 @@ def test_short_attention_only_where_a_backward_follows(monkeypatch) -> None:
     assert calls == [1, 1, 1]
 
 
+def test_short_attention_takes_mixed_dtypes_under_autocast() -> None:
+    """fp32 base weights under bf16 autocast (`train.mixed_precision=bf16` where `dtype: auto` picked
+    fp32): rotary leaves q and k in fp32 and v in bf16. The kernel computes in autocast's dtype, as
+    torch's SDPA does there, and hands back gradients in each input's own dtype."""
+    import tinysft.models.packed_attention as packed_attention
+
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 4, 9, 8, generator=gen, requires_grad=True)
+    k = torch.randn(1, 2, 9, 8, generator=gen, requires_grad=True)
+    v = torch.randn(1, 2, 9, 8, generator=gen).bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = packed_attention._segment_attention(q, k, v, None, 0.0, 0, flash=False)
+        with torch.no_grad():
+            want = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert out.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(out.detach(), want, rtol=2e-2, atol=2e-2)
+    gq, gk, gv = torch.autograd.grad(out.float().sum(), (q, k, v))
+    assert (gq.dtype, gk.dtype, gv.dtype) == (torch.float32, torch.float32, torch.bfloat16)
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in (gq, gk, gv))
+
+
 def test_short_attention_bf16_as_close_as_flash() -> None:
     """In bf16 (training's dtype on AMX) the kernel is as close to float64 as torch's flash kernel."""
     from tinysft.models.packed_attention import _ShortAttention

@@ -122,6 +122,10 @@ def _segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     # Only where a backward follows: forward alone, flash is ~4x faster (160 tokens: 0.17 vs 0.64 ms).
     backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if q.device.type == "cpu" and backward and dropout == 0.0 and short and q.shape[1] % k.shape[1] == 0:
+        # One dtype for the three, the one SDPA would take under autocast: with fp32 base weights and
+        # bf16 autocast, rotary's fp32 cos / sin leave q and k in fp32 while v is bf16.
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         return _ShortAttention.apply(q, k, v, scale if scale is not None else q.shape[-1] ** -0.5, prefix)
     if flash:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale, is_causal=True, enable_gqa=gqa)
