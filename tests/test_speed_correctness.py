@@ -655,6 +655,8 @@ def test_keep_bits_are_keep_mask_decisions_as_integer_masks() -> None:
     bits, q_bits = keep_bits((37, 300), 0.9, generator=torch.Generator().manual_seed(4))
     assert q_bits == q and bits.dtype == torch.int16
     assert torch.equal(bits != 0, keep) and set(bits.unique().tolist()) == {-1, 0}
+    wide, _ = keep_bits((37, 300), 0.9, generator=torch.Generator().manual_seed(4), dtype=torch.int32)
+    assert wide.dtype == torch.int32 and torch.equal(wide, bits.to(torch.int32))  # the same draws, fp32's width
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         x = torch.randn(37, 300).to(dtype)
         out = apply_bits(x, bits.to(torch.int8))  # any integer type: -1 sign-extends to all bits set

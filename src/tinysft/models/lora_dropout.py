@@ -36,15 +36,17 @@ def keep_mask(shape: torch.Size | tuple[int, ...], keep_prob: float, device: tor
 
 
 def keep_bits(shape: torch.Size | tuple[int, ...], keep_prob: float, device: torch.device | str = "cpu",
-              generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
-    """``keep_mask``'s decisions (the same draws) as an int16 mask: -1 (all bits set) where kept, 0 where dropped.
+              generator: torch.Generator | None = None, dtype: torch.dtype = torch.int16) -> tuple[torch.Tensor, float]:
+    """``keep_mask``'s decisions (the same draws) as an integer mask: -1 (all bits set) where kept, 0 where dropped.
 
     ``apply_bits(x, mask)`` is then x with the dropped elements zeroed by integer operations,
     several times faster on a CPU than a bf16 multiply by a 0 / 1 factor (which converts every
-    element to fp32 and back); and ``lt`` writing int16 is ~5x faster than writing bool.
+    element to fp32 and back); and ``lt`` writing int16 is ~5x faster than writing bool. ``dtype``
+    (int16 by default) is best x's own integer type (``int_dtype_of``): the mask can then be
+    applied in its own storage, with no conversion (int32 for an fp32 x).
     """
     halves, threshold, q = _draw(shape, keep_prob, device, generator)
-    mask = torch.empty(halves.shape, dtype=torch.int16, device=device)
+    mask = torch.empty(halves.shape, dtype=dtype, device=device)
     torch.lt(halves, threshold, out=mask)  # 1 where kept
     return mask.neg_(), q
 

@@ -45,9 +45,10 @@ class _LoraLinear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])  # (N, d)
         a = lora_a.to(dtype)  # (r, d)
         if keep_prob < 1.0:
-            bits, q = keep_bits(x2.shape, keep_prob, device=x.device)  # int16: -1 kept, 0 dropped
+            # -1 kept, 0 dropped, in x's integer type (int16 for bf16, int32 for fp32): masked in its storage.
+            bits, q = keep_bits(x2.shape, keep_prob, device=x.device, dtype=int_dtype_of(x2))
             mask = bits.to(torch.int8)  # saved: 1 byte per element (-1 / 0 sign-extend back)
-            xd = _masked(x2, bits)  # in bits' storage where it fits (bf16 / fp16)
+            xd = _masked(x2, bits)
         else:
             mask, q, xd = None, 1.0, x2
         c = scaling / q
