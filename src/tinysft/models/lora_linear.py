@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tinysft.models.lora_dropout import apply_bits, int_dtype_of, keep_bits
+from tinysft.models.lora_dropout import int_dtype_of, keep_bits
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -82,11 +82,10 @@ class _LoraLinear(torch.autograd.Function):
 
 
 def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``apply_bits(x, mask)``, written into ``mask``'s storage when it is x's integer type (one
-    allocation less per call; the caller no longer needs ``mask``)."""
-    if mask.dtype == int_dtype_of(x):
-        return mask.bitwise_and_(x.view(mask.dtype)).view(x.dtype)
-    return apply_bits(x, mask)
+    """``apply_bits(x, mask)`` written into ``mask``'s storage, which must be x's integer type
+    (``int_dtype_of``; both callers draw or widen it so): one allocation less per call, and the
+    caller no longer needs ``mask``."""
+    return mask.bitwise_and_(x.view(mask.dtype)).view(x.dtype)
 
 
 def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
