@@ -57,10 +57,11 @@ from tinysft.models.lora_dropout import use_fast_dropout
 from tinysft.models.lora_linear import use_fused_lora
 from tinysft.models.packed_attention import use_packed_attention
 from tinysft.models.rms_norm import use_fast_rms_norm
+from tinysft.models.swiglu import use_fused_silu_mul
 
 # accelerate's distributed types where each rank holds every trainable parameter whole (no FSDP / ZeRO).
 _PLAIN_DATA_PARALLEL = ("NO", "MULTI_CPU", "MULTI_GPU")
-PASS_TOKENS_CPU = 1024  # tokens per forward/backward pass on a CPU (see train())
+PASS_TOKENS_CPU = 1024  # tokens per forward/backward pass on a CPU in fp32, twice that in 16 bits (see train())
 NO_POSITIONS = torch.empty(0, dtype=torch.long)  # logits_to_keep that computes no logits
 
 
@@ -468,6 +469,21 @@ def mixed_precision_for(cfg: RunConfig, device: torch.device) -> str:
     return mp
 
 
+def pass_tokens_for(device: torch.device, mixed_precision: str, weight_dtype: torch.dtype) -> int | None:
+    """Most tokens per forward/backward pass (whole conversations; None = the micro-batch in one).
+
+    On a CPU, 1,024 tokens computed in fp32 and 2,048 in bf16 / fp16 (autocast, or 16-bit weights
+    without it): the same activation bytes. Measured on SmolLM2-135M in fp32: a 2,300-token batch
+    peaked at 5.5 GB RSS in one pass and 2.8 GB in 1,024-token pieces, at the same speed; in bf16
+    the benchmark's ~1,460-token steps ran 13-20% faster as one pass than as two, for ~440 MB more
+    peak RSS (docs/benchmarks.md). Elsewhere (GPUs) the micro-batch is one pass.
+    """
+    if device.type != "cpu":
+        return None
+    sixteen_bit = mixed_precision in ("bf16", "fp16") or weight_dtype in (torch.bfloat16, torch.float16)
+    return PASS_TOKENS_CPU * 2 if sixteen_bit else PASS_TOKENS_CPU
+
+
 def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float,
                    distributed_type: str = "NO") -> torch.optim.AdamW:
     """AdamW over ``params``, as torch's fused kernel where it can run: float parameters, all on
@@ -602,6 +618,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
     if device.type == "cpu":
         use_fused_lora(model)  # one autograd function per LoRA linear: fewer passes over activations
         use_fast_rms_norm(model)  # the norm's closed-form backward in fp32
+        use_fused_silu_mul(model)  # the MLP saves gate and up for backward, not SiLU's output too
     # Attention per packed conversation, not over the whole row; with it, pairs are scored as
     # branches inside the SFT pass (in-batch pairs, or the step's pool pairs appended to its last piece).
     packed_attention = cfg.train.packing and use_packed_attention(model)
@@ -770,9 +787,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
 
     model.train()
     autocast = accelerator.autocast
-    # CPU: one forward/backward per <= 1,024 tokens. Measured on SmolLM2-135M: a 2,300-token
-    # batch peaks at 5.5 GB RSS in one pass and 2.8 GB in 1,024-token pieces, at the same speed.
-    pass_tokens = PASS_TOKENS_CPU if device.type == "cpu" else None
+    pass_tokens = pass_tokens_for(device, accelerator.mixed_precision, base.dtype)
     eval_every = cfg.train.eval_every or steps_per_epoch
     start = time.time()
     last_eval: float | None = None
