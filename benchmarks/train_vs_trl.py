@@ -28,6 +28,10 @@ emulated); the bf16 peak is printed as well. tinysft computes the openings that 
 conversations share (the template's system prompt) once (``train.share_prefixes``), so it runs
 fewer tokens through the model than the data holds: the share is printed, with the MFU of the
 work actually done (about MFU x that share).
+
+With a CUDA GPU both sides train on it: TRL's default candidates are bf16 with and without packing,
+the matmul peak is measured there (8192^3), and memory is compared as the peak GPU memory of tensors
+(``torch.cuda.max_memory_allocated``), with RSS printed too.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ DEFAULT_TRL = "bf16-packed,bf16-packed+tcmalloc,bf16-packed+tcmalloc+onednn64"
 # On a CPU where bf16 matmuls are not faster than fp32 (tinysft then trains in fp32), TRL's fp32 run was
 # its fastest too (Intel Xeon VM without AMX: fp32 + packing 135.5 tokens/s, bf16 + packing 92.5).
 DEFAULT_TRL_FP32 = "fp32-packed+tcmalloc+onednn64"
+DEFAULT_TRL_GPU = "bf16,bf16-packed"
 
 
 def on_tcmalloc(side: str) -> bool:
@@ -82,14 +87,25 @@ def trl_base(name: str) -> str:
 # ---- shared --------------------------------------------------------------------------------------
 
 
-def matmul_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    """Best-of-``reps`` rate of an n x n x n matmul, in GFLOP/s."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def train_device() -> torch.device:
+    """Where both sides train: the GPU when there is one (tinysft and TRL both pick it), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def matmul_gflops(dtype: torch.dtype, device: torch.device | None = None, reps: int = 5) -> float:
+    """Best-of-``reps`` rate of an n x n x n matmul on ``device``, in GFLOP/s (n = 2,048 on a CPU,
+    8,192 on a GPU, which a 2,048 product does not fill)."""
+    device = device or train_device()
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     a @ b  # warm-up
+    sync()
     best = math.inf
     for _ in range(reps):
         t = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best / 1e9
 
@@ -113,11 +129,16 @@ def eval_loss(model: Any, tokenizer: Any, spec: dict[str, Any]) -> float:
     model.float()
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     inner.set_attn_implementation("sdpa")
-    return evaluate_loss(model, batches, torch.device("cpu"), contextlib.nullcontext)
+    return evaluate_loss(model, batches, next(model.parameters()).device, contextlib.nullcontext)
 
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def peak_gpu_mb() -> float:
+    """The most GPU memory torch held for tensors in this process (0 without a GPU)."""
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
 
 
 def final_train_loss(losses: list[float]) -> float:
@@ -131,7 +152,7 @@ def final_train_loss(losses: list[float]) -> float:
 def run_tinysft(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     from tinysft.config import load_config, parse_overrides
     from tinysft.models.load import load_run, resolve_dtype
-    from tinysft.train import mixed_precision_for, train
+    from tinysft.train import mixed_precision_for, packing_for, train
 
     overrides = [f"model.name={spec['model']}", f"data.train={spec['train']}", f"data.max_length={spec['max_length']}",
                  f"train.epochs={spec['epochs']}", f"train.learning_rate={spec['lr']}",
@@ -140,16 +161,16 @@ def run_tinysft(spec: dict[str, Any], out: Path) -> dict[str, Any]:
                                                                     for k, v in LORA.items()], *spec["tinysft_set"]]
     cfg = load_config(None, parse_overrides(overrides))
     result = train(cfg, out / "run", show_progress=False, log=lambda m: None)
-    rss = peak_rss_mb()
+    rss, gpu = peak_rss_mb(), peak_gpu_mb()
     tokens = result.tokens_per_s * result.seconds
-    loaded = load_run(out / "run", log=lambda m: None)
-    return {"tokens": tokens, "seconds": result.seconds, "steps": result.steps, "peak_rss_mb": rss,
+    loaded = load_run(out / "run", device=train_device(), log=lambda m: None)
+    return {"tokens": tokens, "seconds": result.seconds, "steps": result.steps, "peak_rss_mb": rss, "peak_gpu_mb": gpu,
             "passed_tokens": result.passed_tokens,
             "train_loss": final_train_loss([h["loss"] for h in result.history if "loss" in h]),
             "eval_loss": eval_loss(loaded.model, loaded.tokenizer, spec),
             # What training computed in (the reloaded model is cast to fp32 for the eval loss).
             "dtype": str(resolve_dtype(cfg.model.dtype)).replace("torch.", ""),
-            "mixed_precision": mixed_precision_for(cfg, torch.device("cpu")), "packing": cfg.train.packing}
+            "mixed_precision": mixed_precision_for(cfg, train_device()), "packing": packing_for(cfg, train_device())}
 
 
 def run_trl(spec: dict[str, Any], out: Path, name: str) -> dict[str, Any]:
@@ -178,7 +199,8 @@ def run_trl(spec: dict[str, Any], out: Path, name: str) -> dict[str, Any]:
         logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
         max_length=spec["max_length"], packing=conf["packing"], packing_strategy="bfd", dataloader_num_workers=0,
     )
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    # As tinysft loads its models (models.load.HUB_KERNELS_OFF): no layers fetched from the Hub.
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_kernels=False)
     peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                              target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
 
@@ -194,11 +216,11 @@ def run_trl(spec: dict[str, Any], out: Path, name: str) -> dict[str, Any]:
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                          peft_config=peft_config, callbacks=[Clock()])
     trainer.train()
-    rss = peak_rss_mb()
+    rss, gpu = peak_rss_mb(), peak_gpu_mb()
     logs = trainer.state.log_history
     tokens = max((h["num_tokens"] for h in logs if "num_tokens" in h), default=0)
     return {"tokens": tokens, "seconds": clock["end"] - clock["start"], "steps": trainer.state.global_step,
-            "peak_rss_mb": rss, "train_loss": final_train_loss([h["loss"] for h in logs if "loss" in h]),
+            "peak_rss_mb": rss, "peak_gpu_mb": gpu, "train_loss": final_train_loss([h["loss"] for h in logs if "loss" in h]),
             "eval_loss": eval_loss(trainer.model, tokenizer, spec), "dtype": "float32",
             "mixed_precision": "bf16" if conf["bf16"] else "no", "packing": conf["packing"]}
 
@@ -280,6 +302,10 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def gpu_name() -> str | None:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
 def median(xs: list[float]) -> float:
     s = sorted(xs)
     return s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
@@ -312,7 +338,10 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from tinysft.models.load import fast_bf16_available
 
-    if args.trl_configs is None:  # where tinysft computes in fp32, TRL's fp32 may be its best too
+    device = train_device()
+    if args.trl_configs is None and device.type == "cuda":  # the allocator variants are about CPU memory
+        args.trl_configs = DEFAULT_TRL_GPU
+    elif args.trl_configs is None:  # where tinysft computes in fp32, TRL's fp32 may be its best too
         args.trl_configs = DEFAULT_TRL + ("" if fast_bf16_available("cpu") else f",{DEFAULT_TRL_FP32}")
     trl_names = [n.strip() for n in args.trl_configs.split(",") if n.strip()]
     for n in trl_names:
@@ -338,6 +367,8 @@ def main() -> None:
 
     print(f"CPU: {cpu_name()}, {os.cpu_count()} logical cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, fast bf16: {fast_bf16_available('cpu')}", flush=True)
+    if device.type == "cuda":
+        print(f"GPU: {gpu_name()} (both sides train there; memory is compared on the GPU)", flush=True)
     results: dict[str, list[dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="train-vs-trl-") as tmp:
         for rnd in range(args.rounds):
@@ -348,15 +379,16 @@ def main() -> None:
             for side in sides:
                 r = run_side(side, spec, Path(tmp))
                 results.setdefault(side, []).append(r)
+                gpu_mem = f"  gpu {r['peak_gpu_mb']:6.0f} MB" if device.type == "cuda" else ""
                 print(f"round {rnd + 1} {side:16s} {r['tokens_per_s']:8.1f} tok/s  {r['seconds']:7.1f} s  "
-                      f"rss {r['peak_rss_mb']:6.0f} MB  train {r['train_loss']:.4f}  eval {r['eval_loss']:.4f}",
+                      f"rss {r['peak_rss_mb']:6.0f} MB{gpu_mem}  train {r['train_loss']:.4f}  eval {r['eval_loss']:.4f}",
                       flush=True)
         measure_peaks()
 
     def summary(side: str) -> dict[str, float]:
         rs = results[side]
-        return {k: median([r[k] for r in rs]) for k in ("tokens_per_s", "seconds", "peak_rss_mb", "train_loss",
-                                                           "eval_loss", "steps", "tokens")}
+        return {k: median([r[k] for r in rs]) for k in ("tokens_per_s", "seconds", "peak_rss_mb", "peak_gpu_mb",
+                                                           "train_loss", "eval_loss", "steps", "tokens")}
 
     table = {side: summary(side) for side in results}
     best_trl = max((s for s in table if s.startswith("trl:")), key=lambda s: table[s]["tokens_per_s"])
@@ -370,15 +402,21 @@ def main() -> None:
     passed = median([r["passed_tokens"] for r in results["tinysft"]]) / ours["tokens"]
 
     print()
-    print(f"{'side':18s} {'tok/s':>8s} {'train s':>8s} {'steps':>6s} {'peak RSS MB':>12s} {'train loss':>11s} {'eval loss':>10s}")
+    on_gpu = device.type == "cuda"
+    gpu_head = f" {'peak GPU MB':>12s}" if on_gpu else ""
+    print(f"{'side':18s} {'tok/s':>8s} {'train s':>8s} {'steps':>6s} {'peak RSS MB':>12s}{gpu_head} {'train loss':>11s} {'eval loss':>10s}")
     for side, s in table.items():
-        print(f"{side:18s} {s['tokens_per_s']:8.1f} {s['seconds']:8.1f} {s['steps']:6.0f} {s['peak_rss_mb']:12.0f} "
+        gpu_cell = f" {s['peak_gpu_mb']:12.0f}" if on_gpu else ""
+        print(f"{side:18s} {s['tokens_per_s']:8.1f} {s['seconds']:8.1f} {s['steps']:6.0f} {s['peak_rss_mb']:12.0f}{gpu_cell} "
               f"{s['train_loss']:11.4f} {s['eval_loss']:10.4f}")
     t = table[best_trl]
+    memory = (f"{ours['peak_gpu_mb'] / t['peak_gpu_mb']:.2f}x peak GPU memory" if on_gpu
+              else f"{ours['peak_rss_mb'] / t['peak_rss_mb']:.2f}x peak RSS")
     print(f"\ntinysft vs {best_trl}: {ours['tokens_per_s'] / t['tokens_per_s']:.2f}x tokens/s, "
-          f"{ours['peak_rss_mb'] / t['peak_rss_mb']:.2f}x peak RSS, eval loss {ours['eval_loss']:.4f} vs "
+          f"{memory}, eval loss {ours['eval_loss']:.4f} vs "
           f"{t['eval_loss']:.4f} ({(ours['eval_loss'] / t['eval_loss'] - 1) * 100:+.1f}%)")
-    print(f"matmul peak (2048^3, best of the run): fp32 {peak['float32']:.0f} GFLOP/s, bf16 {peak['bfloat16']:.0f} GFLOP/s; "
+    size = 8192 if on_gpu else 2048
+    print(f"matmul peak on the {device.type.upper()} ({size}^3, best of the run): fp32 {peak['float32']:.0f} GFLOP/s, bf16 {peak['bfloat16']:.0f} GFLOP/s; "
           f"tinysft computes in {tiny_dtype}: {achieved / 1e9:.1f} GFLOP/s achieved "
           f"({flops['flops_per_token'] / 1e6:.0f} MFLOP per token) = MFU {mfu:.1%}")
     print(f"tokens through the model: {passed:.1%} of the data's (shared openings once): "
@@ -388,10 +426,13 @@ def main() -> None:
             "tinysft_peak_rss_mb": round(ours["peak_rss_mb"]), "trl_peak_rss_mb": round(t["peak_rss_mb"]),
             "bf16_matmul_gflops": round(peak["bfloat16"], 1), "mfu": round(mfu, 4),
             "fp32_matmul_gflops": round(peak["float32"], 1), "mfu_dtype": tiny_dtype, "trl_config": best_trl,
-            "tinysft_passed_share": round(passed, 4), "mfu_of_passed": round(mfu * passed, 4)}
+            "tinysft_passed_share": round(passed, 4), "mfu_of_passed": round(mfu * passed, 4),
+            "device": gpu_name() if on_gpu else cpu_name()}
+    if on_gpu:
+        line |= {"tinysft_peak_gpu_mb": round(ours["peak_gpu_mb"]), "trl_peak_gpu_mb": round(t["peak_gpu_mb"])}
     if args.out:
         args.out.write_text(json.dumps({"summary": line, "table": table, "runs": results, "peaks": peaks,
-                                        "flops": flops, "cpu": cpu_name(), "args": vars(args) | {"out": str(args.out)}},
+                                        "flops": flops, "cpu": cpu_name(), "gpu": gpu_name(), "args": vars(args) | {"out": str(args.out)}},
                                        indent=2))
     print(json.dumps(line))
 

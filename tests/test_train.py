@@ -320,3 +320,28 @@ def test_bf16_measurement_leaves_the_random_state_alone() -> None:
     before = torch.get_rng_state()
     assert isinstance(cpu_bf16_faster.__wrapped__(rounds=1), bool)
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_models_load_without_hub_kernels(tiny_model_dir: Path) -> None:
+    # transformers' default (use_kernels=True) swaps layers for code fetched from the Hub; offline on a
+    # CUDA GPU, model.train() then raised (seen on an H200). tinysft keeps torch's layers.
+    from transformers import AutoModelForCausalLM
+
+    from tinysft.config import ModelConfig
+    from tinysft.models.load import HUB_KERNELS_OFF, load_causal_lm
+
+    model, _, _ = load_causal_lm(ModelConfig(name=str(tiny_model_dir)), log=lambda m: None)
+    assert model.use_kernels is False
+    model.train()
+    assert model.use_kernels is False and model.kernels_mode is None
+    assert AutoModelForCausalLM.from_pretrained(tiny_model_dir, **HUB_KERNELS_OFF).use_kernels is False
+
+
+@pytest.mark.parametrize(("setting", "in_batch", "device", "packed"), [
+    ("auto", False, "cpu", True), ("auto", False, "cuda", False), ("auto", True, "cuda", True),
+    ("true", False, "cuda", True), ("false", False, "cpu", False)])
+def test_packing_auto_packs_on_a_cpu_and_pads_on_a_gpu(setting: str, in_batch: bool, device: str, packed: bool) -> None:
+    from tinysft.train import packing_for
+
+    cfg = load_config(None, parse_overrides([f"train.packing={setting}", f"train.preference_in_batch={in_batch}"]))
+    assert packing_for(cfg, torch.device(device)) is packed

@@ -38,7 +38,7 @@ from tinysft.data.validate import DataError, Problem, load_labeled, read_rows
 from tinysft.evaluate.classification_metrics import classification_metrics
 from tinysft.evaluate.classification_report import write_classification_report
 from tinysft.files import atomic_save_dir, atomic_write_text
-from tinysft.models.load import add_lora, load_tokenizer, resolve_dtype, resolve_model_path
+from tinysft.models.load import HUB_KERNELS_OFF, add_lora, load_tokenizer, resolve_dtype, resolve_model_path
 from tinysft.models.registry import DEFAULT_CAUSAL, DEFAULT_ENCODER, ModelError
 from tinysft.train import (
     TrainError,
@@ -127,7 +127,7 @@ def load_encoder(cfg: ModelConfig, labels: list[str], device: torch.device | str
             path, num_labels=len(labels), id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)}, problem_type="single_label_classification",
             dtype=dtype, trust_remote_code=cfg.trust_remote_code,
-            use_safetensors=None if cfg.allow_pickle else True, output_loading_info=True)
+            use_safetensors=None if cfg.allow_pickle else True, output_loading_info=True, **HUB_KERNELS_OFF)
     except Exception as e:  # transformers raises many types for an unusable folder
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise ModelError(f"{path}: could not load it as a sequence classifier ({first}). Pass an encoder "

@@ -125,8 +125,11 @@ class TrainConfig:
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     """auto = bf16 autocast on CUDA with bf16, on CPUs with AMX, and on CPUs with AVX512-BF16 where a bf16 matmul
     measures faster than fp32 (models.load.fast_bf16_available); else fp32."""
-    packing: bool = True
-    """Pack several conversations per row (attention stays within each conversation)."""
+    packing: bool | Literal["auto"] = "auto"
+    """Pack several conversations per row (attention stays within each conversation). auto = packed on a
+    CPU and wherever train.preference_in_batch needs it; padded batches on a GPU, where tinysft's
+    per-conversation attention (one kernel call per conversation and layer) measured ~4x slower than
+    padding (H200: 1,254 vs 5,063 tokens/s; docs/benchmarks.md)."""
     share_prefixes: bool = True
     """In a packed pass, the opening tokens that a conversation shares with another (the chat
     template's system prompt, say) are computed once, as with a prompt cache: the same losses and
@@ -187,7 +190,7 @@ class TrainConfig:
                      "preference_weight", "preference_pairs", "preference_tokens"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0 (got {getattr(self, name)}); 0 means off / the default.")
-        if self.preference_in_batch and not self.packing:
+        if self.preference_in_batch and self.packing is False:
             raise ConfigError("train.preference_in_batch needs train.packing=true (rejected answers are packed "
                               "branches of their conversation); set one or the other.")
         if self.log_every < 1 or self.keep_checkpoints < 1:

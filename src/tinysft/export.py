@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 
 from tinysft.data.render import render_prompt
-from tinysft.models.load import load_run
+from tinysft.models.load import HUB_KERNELS_OFF, load_run
 from tinysft.models.registry import ModelError
 
 GgufType = Literal["f32", "f16", "bf16", "q8_0"]
@@ -180,7 +180,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: SaveDtype = "f
         m.model.to(torch_dtype).save_pretrained(tmp, safe_serialization=True)
         m.tokenizer.save_pretrained(tmp)  # includes the chat template
         log(f"Verifying {out_dir.name}: reloading it and comparing logits on {len(m.prompts)} prompts...")
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch_dtype)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch_dtype, **HUB_KERNELS_OFF)
         reloaded.eval()
         diff = _max_diff(prompt_logits(reloaded, m.prompts), m.reference)
         del reloaded
@@ -410,7 +410,7 @@ def export_gguf(run_dir: str | Path, out_file: str | Path, *, gguf_type: GgufTyp
         try:
             g_tok = AutoTokenizer.from_pretrained(str(tmp.parent), gguf_file=tmp.name)
             g_model = AutoModelForCausalLM.from_pretrained(str(tmp.parent), gguf_file=tmp.name, dtype=torch.float32,
-                                                           quantization_config=GgufConfig(dequantize=True))
+                                                           quantization_config=GgufConfig(dequantize=True), **HUB_KERNELS_OFF)
         except Exception as e:
             raise ExportError(f"{out_file}: the written GGUF does not load back ({str(e).splitlines()[0][:200]}); "
                               "nothing written.") from None

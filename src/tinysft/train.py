@@ -469,6 +469,14 @@ def mixed_precision_for(cfg: RunConfig, device: torch.device) -> str:
     return mp
 
 
+def packing_for(cfg: RunConfig, device: torch.device) -> bool:
+    """``train.packing`` with "auto" resolved: packed on a CPU, and where train.preference_in_batch needs
+    it; padded batches on a GPU (their attention is one kernel call per layer, not one per conversation)."""
+    if cfg.train.packing != "auto":
+        return bool(cfg.train.packing)
+    return cfg.train.preference_in_batch or device.type == "cpu"
+
+
 def pass_tokens_for(device: torch.device, mixed_precision: str, weight_dtype: torch.dtype) -> int | None:
     """Most tokens per forward/backward pass (whole conversations; None = the micro-batch in one).
 
@@ -589,6 +597,9 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
     # dtype / mixed_precision "auto" depend on the hardware (on some CPUs on a measurement): say what was picked.
     compute = {"bf16": "bf16 autocast", "fp16": "fp16 autocast"}.get(accelerator.mixed_precision, "fp32")
     say(f"Base weights in {str(base.dtype).removeprefix('torch.')}, computing in {compute} on {device.type}.")
+    packing = packing_for(cfg, device)
+    if cfg.train.packing == "auto" and not packing:
+        say("Padded batches (train.packing auto on a GPU; train.packing=true packs conversations).")
     rows = render_all(train_convs, tokenizer, cfg.data.max_length, cfg.data.system_prompt)
     eval_rows = render_all(eval_convs, tokenizer, cfg.data.max_length, cfg.data.system_prompt) if eval_convs else []
     in_batch = cfg.train.preference_weight > 0 and cfg.train.preference_in_batch
@@ -621,7 +632,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
         use_fused_silu_mul(model)  # the MLP saves gate and up for backward, not SiLU's output too
     # Attention per packed conversation, not over the whole row; with it, pairs are scored as
     # branches inside the SFT pass (in-batch pairs, or the step's pool pairs appended to its last piece).
-    packed_attention = cfg.train.packing and use_packed_attention(model)
+    packed_attention = packing and use_packed_attention(model)
     if in_batch and not packed_attention:
         raise TrainError("train.preference_in_batch needs tinysft's packed attention, which this model's "
                          "architecture does not use; set train.preference_in_batch=false (a separate pair pass).")
@@ -642,10 +653,10 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
 
     group_by_length = cfg.train.group_by_length
     if group_by_length is None:
-        group_by_length = not cfg.train.packing  # packed rows have no padding to save
+        group_by_length = not packing  # packed rows have no padding to save
 
     def epoch_batches(epoch: int) -> list[Batch]:
-        batches = make_batches(rows, bs, pad_id, packing=cfg.train.packing, seed=cfg.train.seed + epoch,
+        batches = make_batches(rows, bs, pad_id, packing=packing, seed=cfg.train.seed + epoch,
                                group_by_length=group_by_length)
         if len(batches) < world:
             raise TrainError(f"only {len(batches)} micro-batch(es) per epoch for {world} processes: lower "
@@ -662,7 +673,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
         w = token_weights(b)
         return float(b.n_trained) if w is None else float(w.sum())
 
-    eval_batches = make_batches(eval_rows, bs, pad_id, packing=cfg.train.packing, shuffle=False) if eval_rows else []
+    eval_batches = make_batches(eval_rows, bs, pad_id, packing=packing, shuffle=False) if eval_rows else []
     micro_per_epoch = len(epoch_batches(0))
     steps_per_epoch = max(1, math.ceil(micro_per_epoch / cfg.train.grad_accum))
     total_steps = max(1, math.ceil(steps_per_epoch * cfg.train.epochs))
@@ -826,7 +837,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
                     accelerator.sync_gradients = False
                     with accelerator.no_sync(model), autocast():  # the SFT pass below syncs the step
                         pref = preference_loss(model, [c for c, _ in picked], [r for _, r in picked], pad_id,
-                                               cfg.train.preference_beta, device, packing=cfg.train.packing)
+                                               cfg.train.preference_beta, device, packing=packing)
                     accelerator.backward(pref * cfg.train.preference_weight)
                     window_pref += pref.detach().float()
                     window_pref_n += 1

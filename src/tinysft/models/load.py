@@ -29,6 +29,13 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_hub_kernel_wa
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
+# transformers 5.x swaps some layers for "hub kernels" by default: code fetched from the Hugging Face
+# Hub at run time. None is reachable offline, and on a CUDA GPU `model.train()` then fails (seen with
+# transformers 5.25 on an H200: "Version 2 of 'kernels-community/rotary' is not available in the local
+# cache"). Every model tinysft loads keeps torch's layers, the ones its tests and benchmarks measure.
+HUB_KERNELS_OFF: dict[str, Any] = {"use_kernels": False}
+
+
 def fast_bf16_available(device: torch.device | str = "cpu") -> bool:
     """True where bf16 matmuls are fast: CUDA with bf16, a CPU with AMX, or a CPU with AVX512-BF16
     whose bf16 matmul measures faster than its fp32 one (``cpu_bf16_faster``).
@@ -99,7 +106,7 @@ def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
         # dequantize=True is required: quantized GGUF tensors can be neither saved nor trained.
         model = AutoModelForCausalLM.from_pretrained(
             str(gguf_file.parent), gguf_file=gguf_file.name, quantization_config=GgufConfig(dequantize=True),
-            dtype=torch.float32,
+            dtype=torch.float32, **HUB_KERNELS_OFF,
         )
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
     except Exception as e:  # transformers raises many types for a bad file
@@ -234,7 +241,7 @@ def load_causal_lm(cfg: ModelConfig, device: torch.device | str = "cpu", log=pri
     _check_weights_safe(path, cfg.allow_pickle)
     dtype = resolve_dtype(cfg.dtype, device)
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code,
-                              "use_safetensors": None if cfg.allow_pickle else True}
+                              "use_safetensors": None if cfg.allow_pickle else True, **HUB_KERNELS_OFF}
     qconfig = _quantization_config(cfg.quantize, torch.bfloat16 if dtype == torch.float32 and
                                    fast_bf16_available(device) else dtype)
     if qconfig is not None:
