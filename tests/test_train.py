@@ -345,3 +345,20 @@ def test_packing_auto_packs_on_a_cpu_and_pads_on_a_gpu(setting: str, in_batch: b
 
     cfg = load_config(None, parse_overrides([f"train.packing={setting}", f"train.preference_in_batch={in_batch}"]))
     assert packing_for(cfg, torch.device(device)) is packed
+
+
+def test_training_runs_tinysft_layers_after_model_train(tmp_path: Path, tiny_model_dir: Path) -> None:
+    # With transformers' default use_kernels=True, model.train() (called before the loop) re-kernelized
+    # the model and put transformers' RMSNorm forward back over tinysft's: the fast norm silently did
+    # not run in training. Every patched layer must still be the one that trains.
+    from torch.profiler import ProfilerActivity, profile
+
+    from conftest import CHAT_ROWS, write_jsonl
+
+    data = write_jsonl(tmp_path / "train.jsonl", CHAT_ROWS)
+    cfg = tiny_cfg(tiny_model_dir, data, "train.epochs=1", "lora.dropout=0.1")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        train(cfg, tmp_path / "run", show_progress=False, log=lambda m: None)
+    ran = {e.key for e in prof.key_averages()}
+    for fn in ("_RMSNormBackward", "_SiluMulBackward", "_LoraLinearBackward", "_HeadCrossEntropyBackward"):
+        assert fn in ran, fn

@@ -32,7 +32,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # transformers 5.x swaps some layers for "hub kernels" by default: code fetched from the Hugging Face
 # Hub at run time. None is reachable offline, and on a CUDA GPU `model.train()` then fails (seen with
 # transformers 5.25 on an H200: "Version 2 of 'kernels-community/rotary' is not available in the local
-# cache"). Every model tinysft loads keeps torch's layers, the ones its tests and benchmarks measure.
+# cache"). On a CPU the same default re-kernelizes the model at `model.train()`, silently putting
+# transformers' RMSNorm forward back over tinysft's. Every model tinysft loads keeps its own layers.
 HUB_KERNELS_OFF: dict[str, Any] = {"use_kernels": False}
 
 
