@@ -160,17 +160,18 @@ def run_tinysft(spec: dict[str, Any], out: Path) -> dict[str, Any]:
                  "train.warmup_ratio=0.05", "train.schedule=cosine", *[f"lora.{k}={v if not isinstance(v, list) else ','.join(v)}"
                                                                     for k, v in LORA.items()], *spec["tinysft_set"]]
     cfg = load_config(None, parse_overrides(overrides))
+    device = train_device()
     result = train(cfg, out / "run", show_progress=False, log=lambda m: None)
     rss, gpu = peak_rss_mb(), peak_gpu_mb()
     tokens = result.tokens_per_s * result.seconds
-    loaded = load_run(out / "run", device=train_device(), log=lambda m: None)
+    loaded = load_run(out / "run", device=device, log=lambda m: None)
     return {"tokens": tokens, "seconds": result.seconds, "steps": result.steps, "peak_rss_mb": rss, "peak_gpu_mb": gpu,
             "passed_tokens": result.passed_tokens,
             "train_loss": final_train_loss([h["loss"] for h in result.history if "loss" in h]),
             "eval_loss": eval_loss(loaded.model, loaded.tokenizer, spec),
             # What training computed in (the reloaded model is cast to fp32 for the eval loss).
-            "dtype": str(resolve_dtype(cfg.model.dtype)).replace("torch.", ""),
-            "mixed_precision": mixed_precision_for(cfg, train_device()), "packing": packing_for(cfg, train_device())}
+            "dtype": str(resolve_dtype(cfg.model.dtype, device)).replace("torch.", ""),
+            "mixed_precision": mixed_precision_for(cfg, device), "packing": packing_for(cfg, device)}
 
 
 def run_trl(spec: dict[str, Any], out: Path, name: str) -> dict[str, Any]:
@@ -179,7 +180,7 @@ def run_trl(spec: dict[str, Any], out: Path, name: str) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from tinysft.models.load import load_tokenizer, resolve_model_path
+    from tinysft.models.load import HUB_KERNELS_OFF, load_tokenizer, resolve_model_path
 
     conf = TRL_CONFIGS[trl_base(name)]
     path = resolve_model_path(spec["model"], log=lambda m: None)
@@ -199,8 +200,8 @@ def run_trl(spec: dict[str, Any], out: Path, name: str) -> dict[str, Any]:
         logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
         max_length=spec["max_length"], packing=conf["packing"], packing_strategy="bfd", dataloader_num_workers=0,
     )
-    # As tinysft loads its models (models.load.HUB_KERNELS_OFF): no layers fetched from the Hub.
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_kernels=False)
+    # As tinysft loads its models: no layers fetched from the Hub (offline, model.train() raised on a GPU).
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **HUB_KERNELS_OFF)
     peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                              target_modules=LORA["target_modules"], task_type="CAUSAL_LM")
 
