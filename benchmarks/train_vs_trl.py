@@ -71,6 +71,8 @@ DEFAULT_TRL = "bf16-packed,bf16-packed+tcmalloc,bf16-packed+tcmalloc+onednn64"
 # On a CPU where bf16 matmuls are not faster than fp32 (tinysft then trains in fp32), TRL's fp32 run was
 # its fastest too (Intel Xeon VM without AMX: fp32 + packing 135.5 tokens/s, bf16 + packing 92.5).
 DEFAULT_TRL_FP32 = "fp32-packed+tcmalloc+onednn64"
+# On a CPU with no bf16 instructions at all (no AVX512-BF16, no AMX) bf16 is emulated, ~100x slower than fp32
+# on an AVX2-only AMD EPYC VM: a TRL bf16 run would take hours, so only fp32 runs there by default.
 DEFAULT_TRL_GPU = "bf16,bf16-packed"
 
 
@@ -92,13 +94,27 @@ def train_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def matmul_gflops(dtype: torch.dtype, device: torch.device | None = None, reps: int = 5) -> float:
+def matmul_gflops(dtype: torch.dtype, device: torch.device | None = None, reps: int = 5,
+                  budget_s: float = 0.5) -> float:
     """Best-of-``reps`` rate of an n x n x n matmul on ``device``, in GFLOP/s (n = 2,048 on a CPU,
-    8,192 on a GPU, which a 2,048 product does not fill)."""
+    8,192 on a GPU, which a 2,048 product does not fill).
+
+    Where a dtype is emulated (bf16 on a CPU without AVX512-BF16 or AMX: an AMD EPYC VM with AVX2
+    only ran a 2,048^3 bf16 product at 0.3 GFLOP/s, a minute a product) n is halved until one
+    product fits ``budget_s``, down to 256, so the peak check never costs minutes.
+    """
     device = device or train_device()
     n = 8192 if device.type == "cuda" else 2048
-    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cpu":
+        probe = torch.randn(256, 256, dtype=dtype)
+        probe @ probe  # warm-up
+        t = time.perf_counter()
+        probe @ probe
+        per_flop = (time.perf_counter() - t) / (2 * 256**3)
+        while n > 256 and 2 * n**3 * per_flop > budget_s:
+            n //= 2
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     a @ b  # warm-up
     sync()
     best = math.inf
@@ -307,6 +323,14 @@ def gpu_name() -> str | None:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (AMX or AVX512-BF16); without them bf16 is emulated."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
+    except AttributeError:
+        return False
+
+
 def median(xs: list[float]) -> float:
     s = sorted(xs)
     return s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
@@ -330,7 +354,8 @@ def main() -> None:
     ap.add_argument("--trl-configs", default=None,
                     help="comma-separated TRL configurations to run, the fastest is compared: "
                          f"{', '.join(TRL_CONFIGS)} (default: {DEFAULT_TRL}, plus {DEFAULT_TRL_FP32} where "
-                         "bf16 is not fast on this machine)")
+                         f"bf16 is not fast on this machine; only {DEFAULT_TRL_FP32} on a CPU without bf16 "
+                         "instructions)")
     ap.add_argument("--tinysft-set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra tinysft overrides, e.g. train.packing=false")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0 = torch's default)")
@@ -342,6 +367,8 @@ def main() -> None:
     device = train_device()
     if args.trl_configs is None and device.type == "cuda":  # the allocator variants are about CPU memory
         args.trl_configs = DEFAULT_TRL_GPU
+    elif args.trl_configs is None and not cpu_has_bf16():
+        args.trl_configs = DEFAULT_TRL_FP32
     elif args.trl_configs is None:  # where tinysft computes in fp32, TRL's fp32 may be its best too
         args.trl_configs = DEFAULT_TRL + ("" if fast_bf16_available("cpu") else f",{DEFAULT_TRL_FP32}")
     trl_names = [n.strip() for n in args.trl_configs.split(",") if n.strip()]
@@ -417,7 +444,8 @@ def main() -> None:
           f"{memory}, eval loss {ours['eval_loss']:.4f} vs "
           f"{t['eval_loss']:.4f} ({(ours['eval_loss'] / t['eval_loss'] - 1) * 100:+.1f}%)")
     size = 8192 if on_gpu else 2048
-    print(f"matmul peak on the {device.type.upper()} ({size}^3, best of the run): fp32 {peak['float32']:.0f} GFLOP/s, bf16 {peak['bfloat16']:.0f} GFLOP/s; "
+    print(f"matmul peak on the {device.type.upper()} ({size}^3, smaller for an emulated dtype; best of the run): "
+          f"fp32 {peak['float32']:.0f} GFLOP/s, bf16 {peak['bfloat16']:.1f} GFLOP/s; "
           f"tinysft computes in {tiny_dtype}: {achieved / 1e9:.1f} GFLOP/s achieved "
           f"({flops['flops_per_token'] / 1e6:.0f} MFLOP per token) = MFU {mfu:.1%}")
     print(f"tokens through the model: {passed:.1%} of the data's (shared openings once): "
