@@ -322,6 +322,47 @@ def test_bf16_measurement_leaves_the_random_state_alone() -> None:
     assert torch.equal(torch.get_rng_state(), before)
 
 
+def _no_half_instructions(monkeypatch, *, has: bool) -> None:
+    """Pretend to be a CPU with (has=True: AMX, AVX-512 + BF16) or without (AVX2 only) 16-bit instructions."""
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported", "_is_amx_fp16_supported", "_is_avx512_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: has)
+
+
+@pytest.mark.parametrize(("amx", "avx512", "avx512_bf16", "bf16", "fp16"), [
+    (False, False, False, True, True),    # AVX2 only (AMD EPYC VM): both emulated, ~100x slower than fp32
+    (False, True, False, True, False),    # AVX-512 without BF16: bf16 emulated; fp16 not measured, not flagged
+    (False, True, True, False, False),    # AVX512-BF16
+    (True, True, True, False, False),     # AMX
+])
+def test_emulated_dtypes_follow_the_cpu(monkeypatch, amx, avx512, avx512_bf16, bf16, fp16) -> None:
+    from tinysft.models.load import emulated_on_cpu
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_amx_fp16_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: avx512)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert emulated_on_cpu(torch.bfloat16, "cpu") is bf16
+    assert emulated_on_cpu(torch.float16, "cpu") is fp16
+    assert emulated_on_cpu(torch.float32, "cpu") is False
+    assert emulated_on_cpu(torch.bfloat16, "cuda") is False  # a GPU is not this CPU
+
+
+@pytest.mark.parametrize("has", [False, True])
+def test_asking_for_an_emulated_dtype_warns(monkeypatch, tmp_path, tiny_model_dir, chat_file, has) -> None:
+    from tinysft.config import ModelConfig
+    from tinysft.models.load import load_causal_lm
+
+    _no_half_instructions(monkeypatch, has=has)
+    logs: list[str] = []
+    load_causal_lm(ModelConfig(name=str(tiny_model_dir), dtype="bfloat16"), log=logs.append)
+    assert any("model.dtype=bfloat16 asks for bfloat16" in m for m in logs) is not has
+    logs.clear()
+    train(tiny_cfg(tiny_model_dir, chat_file, "train.epochs=1", "train.mixed_precision=bf16"), tmp_path / "run",
+          show_progress=False, log=logs.append, stop_after_steps=1)
+    warned = [m for m in logs if m.startswith("Warning: train.mixed_precision=bf16 asks for bfloat16")]
+    assert len(warned) == (0 if has else 1), logs
+
+
 def test_models_load_without_hub_kernels(tiny_model_dir: Path) -> None:
     # transformers' default (use_kernels=True) swaps layers for code fetched from the Hub; offline on a
     # CUDA GPU, model.train() then raised (seen on an H200). tinysft keeps torch's layers.

@@ -49,6 +49,8 @@ from tinysft.files import atomic_save_dir, atomic_write_text
 from tinysft.models.chunked_head import head_cross_entropy, plain_lm_head
 from tinysft.models.load import (
     add_lora,
+    emulated_on_cpu,
+    emulated_warning,
     fast_bf16_available,
     keep_lora_inputs_in_compute_dtype,
     load_causal_lm,
@@ -597,6 +599,9 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
     # dtype / mixed_precision "auto" depend on the hardware (on some CPUs on a measurement): say what was picked.
     compute = {"bf16": "bf16 autocast", "fp16": "fp16 autocast"}.get(accelerator.mixed_precision, "fp32")
     say(f"Base weights in {str(base.dtype).removeprefix('torch.')}, computing in {compute} on {device.type}.")
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+    if autocast_dtype is not None and autocast_dtype != base.dtype and emulated_on_cpu(autocast_dtype, device):
+        say(emulated_warning(autocast_dtype, f"train.mixed_precision={accelerator.mixed_precision}"))
     packing = packing_for(cfg, device)
     if cfg.train.packing == "auto" and not packing:
         say("Padded batches (train.packing auto on a GPU; train.packing=true packs conversations).")

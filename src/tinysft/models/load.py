@@ -91,6 +91,32 @@ def cpu_bf16_faster(rounds: int = 5) -> bool:
     return best[torch.bfloat16] < best[torch.float32]
 
 
+def emulated_on_cpu(dtype: torch.dtype, device: torch.device | str = "cpu") -> bool:
+    """Whether ``dtype`` has no matmul instructions on this CPU, so torch emulates it far below fp32.
+
+    On an AMD EPYC VM with AVX2 only (no AVX-512), bf16 matmuls ran at 0.3-2 GFLOP/s and fp16 at ~1.2
+    against ~160 for fp32: a run that asks for either there is ~100x slower than ``auto`` (fp32).
+    Flagged: bf16 without AMX or AVX512-BF16, and fp16 without AMX-FP16 or any AVX-512 (an Intel
+    Xeon with AVX512-FP16 ran it at ~250 GFLOP/s; AVX-512 CPUs without it were not measured).
+    """
+    if torch.device(device).type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    cpu = getattr(torch, "cpu", None)
+    try:
+        if dtype == torch.bfloat16:
+            return not (cpu._is_amx_tile_supported() or cpu._is_avx512_bf16_supported())
+        return not (cpu._is_amx_fp16_supported() or cpu._is_avx512_supported())
+    except AttributeError:  # a torch without these probes: say nothing
+        return False
+
+
+def emulated_warning(dtype: torch.dtype, setting: str) -> str:
+    """The one-line warning for a run that asked for an emulated 16-bit dtype (``setting`` names where)."""
+    name = str(dtype).removeprefix("torch.")
+    return (f"Warning: {setting} asks for {name}, which this CPU has no instructions for: torch emulates it, "
+            f"about 100x slower than fp32 here. Set it to auto (fp32 on this CPU) unless you need {name}.")
+
+
 def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if fast_bf16_available(device) else torch.float32
@@ -241,6 +267,8 @@ def load_causal_lm(cfg: ModelConfig, device: torch.device | str = "cpu", log=pri
     path = resolve_model_path(cfg.name, log=log)
     _check_weights_safe(path, cfg.allow_pickle)
     dtype = resolve_dtype(cfg.dtype, device)
+    if emulated_on_cpu(dtype, device):
+        log(emulated_warning(dtype, f"model.dtype={cfg.dtype}"))
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code,
                               "use_safetensors": None if cfg.allow_pickle else True, **HUB_KERNELS_OFF}
     qconfig = _quantization_config(cfg.quantize, torch.bfloat16 if dtype == torch.float32 and
