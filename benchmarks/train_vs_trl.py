@@ -325,14 +325,6 @@ def gpu_name() -> str | None:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU has bf16 instructions (AMX or AVX512-BF16); without them bf16 is emulated."""
-    try:
-        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
-    except AttributeError:
-        return False
-
-
 def median(xs: list[float]) -> float:
     s = sorted(xs)
     return s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
@@ -364,12 +356,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="also write every figure as JSON here")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from tinysft.models.load import fast_bf16_available
+    from tinysft.models.load import emulated_on_cpu, fast_bf16_available
 
     device = train_device()
     if args.trl_configs is None and device.type == "cuda":  # the allocator variants are about CPU memory
         args.trl_configs = DEFAULT_TRL_GPU
-    elif args.trl_configs is None and not cpu_has_bf16():
+    elif args.trl_configs is None and emulated_on_cpu(torch.bfloat16, "cpu"):
         args.trl_configs = DEFAULT_TRL_FP32
     elif args.trl_configs is None:  # where tinysft computes in fp32, TRL's fp32 may be its best too
         args.trl_configs = DEFAULT_TRL + ("" if fast_bf16_available("cpu") else f",{DEFAULT_TRL_FP32}")
