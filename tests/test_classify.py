@@ -284,3 +284,17 @@ def test_embedded_encoder_learns_news_topics(tmp_path: Path) -> None:
     m = json.loads(paths["json"].read_text())["metrics"]
     assert m["tuned"]["accuracy"] >= 0.85, (m["tuned"]["accuracy"], time.time() - start)
     assert m["base"]["accuracy"] <= 0.5
+
+
+def test_an_encoder_in_an_emulated_dtype_warns(monkeypatch, tiny_bert_dir: Path) -> None:
+    from tinysft.classify import load_encoder
+    from tinysft.config import ModelConfig
+
+    for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: False)  # a CPU without bf16 instructions
+    logs: list[str] = []
+    load_encoder(ModelConfig(name=str(tiny_bert_dir), dtype="bfloat16"), ["a", "b"], log=logs.append)
+    assert any(m.startswith("Warning: model.dtype=bfloat16 asks for bfloat16") for m in logs)
+    logs.clear()
+    load_encoder(ModelConfig(name=str(tiny_bert_dir)), ["a", "b"], log=logs.append)  # auto: fp32, no warning
+    assert not any(m.startswith("Warning") for m in logs)

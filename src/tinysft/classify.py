@@ -38,7 +38,15 @@ from tinysft.data.validate import DataError, Problem, load_labeled, read_rows
 from tinysft.evaluate.classification_metrics import classification_metrics
 from tinysft.evaluate.classification_report import write_classification_report
 from tinysft.files import atomic_save_dir, atomic_write_text
-from tinysft.models.load import HUB_KERNELS_OFF, add_lora, load_tokenizer, resolve_dtype, resolve_model_path
+from tinysft.models.load import (
+    HUB_KERNELS_OFF,
+    add_lora,
+    emulated_on_cpu,
+    emulated_warning,
+    load_tokenizer,
+    resolve_dtype,
+    resolve_model_path,
+)
 from tinysft.models.registry import DEFAULT_CAUSAL, DEFAULT_ENCODER, ModelError
 from tinysft.train import (
     TrainError,
@@ -122,6 +130,8 @@ def load_encoder(cfg: ModelConfig, labels: list[str], device: torch.device | str
     path = resolve_model_path(classifier_model_name(cfg.name), log=log)
     # Encoders are small: keep fp32 weights unless asked (autocast still computes in bf16 where fast).
     dtype = torch.float32 if cfg.dtype == "auto" else resolve_dtype(cfg.dtype, device)
+    if emulated_on_cpu(dtype, device):
+        log(emulated_warning(dtype, f"model.dtype={cfg.dtype}"))
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=len(labels), id2label=dict(enumerate(labels)),
