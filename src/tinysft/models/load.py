@@ -55,13 +55,12 @@ def fast_bf16_available(device: torch.device | str = "cpu") -> bool:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    cpu = getattr(torch, "cpu", None)
+    if emulated_on_cpu(torch.bfloat16, device):  # no AMX, no AVX512-BF16
+        return False
     try:
-        if cpu._is_amx_tile_supported():
+        if torch.cpu._is_amx_tile_supported():
             return True
-        if not cpu._is_avx512_bf16_supported():
-            return False
-    except AttributeError:
+    except AttributeError:  # a torch without the probes
         return False
     return setting in ("1", "yes", "true", "on") or cpu_bf16_faster()
 
