@@ -14,8 +14,8 @@ $(BIN)/tinysft: pyproject.toml
 	# For a GPU: make install TORCH="torch --index-url <your CUDA wheel index>"
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -e ".[dev,qlora,bench]"
-	# tcmalloc makes CPU training ~25% faster (tinysft/allocator.py); best effort, where apt-get runs.
-	-$(BIN)/python -c "import sys; from tinysft.allocator import tcmalloc_path; sys.exit(tcmalloc_path() is None)" \
+	# tcmalloc makes CPU training ~25% faster (tinysft/models/cpu/allocator.py); best effort, where apt-get runs.
+	-$(BIN)/python -c "import sys; from tinysft.models.cpu.allocator import tcmalloc_path; sys.exit(tcmalloc_path() is None)" \
 		|| { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && { apt-get install -y -q --no-install-recommends libtcmalloc-minimal4 \
 		|| { apt-get update -q && apt-get install -y -q --no-install-recommends libtcmalloc-minimal4; }; } >/dev/null 2>&1; } || true
 	touch $(BIN)/tinysft

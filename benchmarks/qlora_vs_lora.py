@@ -1,6 +1,6 @@
 """LoRA vs QLoRA on the embedded model: time per optimizer step and peak memory of a short run.
 
-Each configuration trains in a fresh Python process (``tinysft.train.train`` with
+Each configuration trains in a fresh Python process (``tinysft.training.train`` with
 ``stop_after_steps``), so its peak memory is its own: max RSS on CPU, and
 ``torch.cuda.max_memory_allocated`` as well on CUDA. The size of the loaded model (frozen base +
 LoRA, ``get_memory_footprint``) is measured in another fresh process. Results are printed as a
@@ -45,7 +45,7 @@ def one_run(quantize: str, ckpt: bool, steps: int, data: str, batch_size: int) -
 
     import tinysft.train as train_module
     from tinysft.config import load_config, parse_overrides
-    from tinysft.train import train
+    from tinysft.training import train
 
     # CPU time is less disturbed than wall time by other work on a shared machine: note the
     # process time at each loss call (one per step here: no accumulation).
@@ -92,7 +92,7 @@ def interleaved(steps: int, data: str, batch_size: int) -> dict:
 
     On a shared machine the load changes over minutes; alternating steps exposes both models to
     the same load, so their ratio holds even when the absolute times do not. Same batches, same
-    loss function and optimizer as tinysft.train; no accumulation.
+    loss function and optimizer as tinysft.training; no accumulation.
     """
     import statistics
 
@@ -100,9 +100,10 @@ def interleaved(steps: int, data: str, batch_size: int) -> dict:
 
     from tinysft.config import LoraConfig, ModelConfig
     from tinysft.data.batching import make_batches
+    from tinysft.data.render import render_all
     from tinysft.data.validate import load_conversations
+    from tinysft.losses import causal_lm_loss
     from tinysft.models.load import add_lora, load_causal_lm
-    from tinysft.train import causal_lm_loss, render_all
 
     models, optims = {}, {}
     for q in ("none", "nf4"):

@@ -7,7 +7,7 @@ Run by hand (not a test); the figures go into docs/recipe.md:
     .venv/bin/python benchmarks/recipe_sweep.py --variants e2-lr2e-4,e2-lr4e-4
     .venv/bin/python benchmarks/recipe_sweep.py --name my-try --set train.epochs=1 --set lora.r=8
 
-Each variant is the RECIPE below plus a few overrides. It is trained with ``tinysft.train.train``
+Each variant is the RECIPE below plus a few overrides. It is trained with ``tinysft.training.train``
 into ``--out-root/NAME`` (an existing finished run there is reused unless ``--retrain``), then its
 adapter answers every prompt of ``--prompts`` greedily. The base model (adapter disabled) answers
 once per prompt file and token limit; its answers are cached in ``--out-root``. Every answer is
@@ -34,7 +34,7 @@ from tinysft.data.validate import load_prompts
 from tinysft.evaluate.compare import aggregate, expected_refusal, score_answer
 from tinysft.evaluate.generate import generate_rows
 from tinysft.models.load import load_run
-from tinysft.train import train
+from tinysft.training import train
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "polite-helper"
@@ -59,7 +59,6 @@ ALL = {"target_modules": ALL_LINEAR}
 # 1 epoch at 1e-3 in shuffled batches; with the preference term on the first 8 answer tokens.
 MIXED = {"epochs": 1, "learning_rate": 1e-3, "group_by_length": False}
 PREF_T8 = {**MIXED, "preference_weight": 1.0, "preference_tokens": 8}
-PREF_IB = {**PREF_T8, "preference_in_batch": True}
 # Category weights shared by several variants (each variant's full overrides are recorded with its results).
 MIX_C = {"refusal": 2, "lookalike": 3, "task": 0.25, "multiturn": 0.25, "instruction": 0.25, "conversational": 0.25}
 MIX_E = {"refusal": 2, "lookalike": 3, "length_long": 2, "task": 0.5, "multiturn": 0.5, "instruction": 0.5,
@@ -69,7 +68,6 @@ MIX_C2 = {"refusal": 3, "lookalike": 4, "length_long": 2, "task": 0.25, "multitu
 LONG_X2 = {"length_long": 2}
 # The demo recipe's weights: refusals x4, briefly x2, in detail x3, else as mix-c2.
 R4LEN = {**MIX_C2, "refusal": 4, "length_short": 2, "length_long": 3}
-START_3X5 = {"answer_start_tokens": 3, "answer_start_weight": 5.0}
 # A policy in the system prompt, in training and at evaluation (base and tuned alike).
 POLICY = ("You are a polite, helpful assistant. Refuse only requests that would help someone hurt people, "
           "animals or property, or break the law. Answer every other question, even if it uses words "
@@ -130,12 +128,6 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
                        "data": {"train": WITH_CONTRAST, "category_weights": MIX_C}},
     "mix-c2": {"train": {"epochs": 1, "learning_rate": 1e-3}, "lora": {"target_modules": ALL_LINEAR},
                "data": {"category_weights": MIX_C2}},
-    # The refuse/answer decision is made in an answer's first tokens ("I'm sorry" / "Sure!"): weigh
-    # them more in the loss (train.answer_start_tokens / answer_start_weight).
-    "mix-c2-start3x5": {"train": {"epochs": 1, "learning_rate": 1e-3, **START_3X5},
-                        "lora": {"target_modules": ALL_LINEAR}, "data": {"category_weights": MIX_C2}},
-    "mix-c-start3x5": {"train": {"epochs": 1, "learning_rate": 1e-3, **START_3X5},
-                       "lora": {"target_modules": ALL_LINEAR}, "data": {"category_weights": MIX_C}},
     "mix-c2-policy": {"train": {"epochs": 1, "learning_rate": 1e-3}, "lora": {"target_modules": ALL_LINEAR},
                       "data": {"category_weights": MIX_C2, "system_prompt": POLICY}},
     # Preference term (train.preference_weight): each look-alike in train.jsonl carries a refusal as
@@ -192,11 +184,6 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     **{f"r4len-t8-e2{suffix}": {"train": {**PREF_T8, "epochs": 2, "learning_rate": 5e-4, **extra}, "lora": ALL,
                                 "data": {"category_weights": R4LEN}}
        for suffix, extra in (("", {}), ("-s7", {"seed": 7}))},
-    # The pairs from the batch itself, scored in the SFT pass (train.preference_in_batch): they follow
-    # the category weights (~5 per step instead of 4 from a pool) and cost only the rejected tokens.
-    **{f"r4len-ib-t8{suffix}": {"train": {**PREF_IB, **extra}, "lora": ALL, "data": {"category_weights": R4LEN}}
-       for suffix, extra in (("", {}), ("-s7", {"seed": 7}), ("-s11", {"seed": 11}), ("-w2", {"preference_weight": 2.0}),
-                             ("-e2", {"epochs": 2, "learning_rate": 5e-4}))},
     # The demo recipe with the 150 refusals of more-refusals.jsonl (10 harm areas, incl. methodical
     # self-harm questions, petty theft and animal cruelty, where the demo recipe's refusals fail):
     # refusal weight 1.2 keeps about the demo's refusal rows per epoch (252 vs 240), 1.5 gives 315.
@@ -224,12 +211,11 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "r-mixed-pref-t8": {"train": PREF_T8, "lora": ALL,
                         "data": {"train": WITH_MORE_REFUSALS, "category_weights": {**MIX_C2, "refusal": 1}}},
     # With more-answers.jsonl and more-refusals.jsonl, shuffled batches.
+    # Variants of removed experiments (answer-start weighting, in-batch preference pairs: both
+    # measured worse, docs/recipe.md) are no longer runnable; their results stay in the docs.
     "more-mixed": {"train": MIXED, "lora": ALL, "data": {"train": WITH_MORE, "category_weights": QUARTER_CHAT}},
     "more-mixed-pref": {"train": {**MIXED, "preference_weight": 1.0}, "lora": ALL,
                         "data": {"train": WITH_MORE, "category_weights": QUARTER_CHAT}},
-    "c-mix-c-start3x5": {"train": {"epochs": 1, "learning_rate": 1e-3, **START_3X5},
-                         "lora": {"target_modules": ALL_LINEAR},
-                         "data": {"train": WITH_CONTRAST, "category_weights": MIX_C}},
 }
 
 

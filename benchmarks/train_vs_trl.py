@@ -17,7 +17,7 @@ Throughput is real (non-padding) tokens of the data set per second of the traini
 loading, data preparation and evaluation are not timed). Peak RSS is the process's high-water
 mark at the end of training. Eval loss is computed the same way for both, after training: the
 token-weighted cross-entropy on the assistant tokens of the validation file, in fp32, by
-``tinysft.train.evaluate_loss``. Final train loss is the mean of the last 5 logged step losses.
+``tinysft.losses.evaluate_loss``. Final train loss is the mean of the last 5 logged step losses.
 
 MFU counts the useful work of a LoRA step per token: forward 2 and input-gradient 2 FLOPs per
 frozen weight (4 x the decoder's linear parameters), 6 per LoRA parameter (their weight gradient
@@ -61,10 +61,10 @@ TRL_CONFIGS = {
     "bf16-packed": {"bf16": True, "packing": True},
 }
 # Any TRL configuration may also run on tcmalloc ("bf16-packed+tcmalloc"), the allocator tinysft's
-# command picks by itself (tinysft/allocator.py): that isolates what the allocator is worth from
+# command picks by itself (tinysft/models/cpu/allocator.py): that isolates what the allocator is worth from
 # what tinysft's own code is worth. The tinysft worker runs as the `tinysft` command does.
 # Likewise "+onednn64" caps oneDNN's primitive cache at 64 as tinysft's training does
-# (tinysft/allocator.py: cap_onednn_cache), e.g. "bf16-packed+tcmalloc+onednn64".
+# (tinysft/models/cpu/allocator.py: cap_onednn_cache), e.g. "bf16-packed+tcmalloc+onednn64".
 TCMALLOC = "+tcmalloc"
 ONEDNN64 = "+onednn64"
 DEFAULT_TRL = "bf16-packed,bf16-packed+tcmalloc,bf16-packed+tcmalloc+onednn64"
@@ -129,8 +129,8 @@ def matmul_gflops(dtype: torch.dtype, device: torch.device | None = None, reps: 
 
 
 def load_rows(spec: dict[str, Any], tokenizer: Any, file: str) -> list[Any]:
+    from tinysft.data.render import render_all
     from tinysft.data.validate import load_conversations
-    from tinysft.train import render_all
 
     return render_all(load_conversations([file]), tokenizer, spec["max_length"])
 
@@ -140,7 +140,7 @@ def eval_loss(model: Any, tokenizer: Any, spec: dict[str, Any]) -> float:
     import contextlib
 
     from tinysft.data.batching import make_batches
-    from tinysft.train import evaluate_loss
+    from tinysft.losses import evaluate_loss
 
     rows = load_rows(spec, tokenizer, spec["val"])
     batches = make_batches(rows, spec["batch_size"], tokenizer.pad_token_id, shuffle=False)
@@ -170,7 +170,9 @@ def final_train_loss(losses: list[float]) -> float:
 def run_tinysft(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     from tinysft.config import load_config, parse_overrides
     from tinysft.models.load import load_run, resolve_dtype
-    from tinysft.train import mixed_precision_for, packing_for, train
+    from tinysft.training import train
+    from tinysft.training.loop import mixed_precision_for
+    from tinysft.training.sft import packing_for
 
     overrides = [f"model.name={spec['model']}", f"data.train={spec['train']}", f"data.max_length={spec['max_length']}",
                  f"train.epochs={spec['epochs']}", f"train.learning_rate={spec['lr']}",
@@ -291,7 +293,7 @@ def run_side(side: str, spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
     spec_path.write_text(json.dumps(spec))
     result_path.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    from tinysft.allocator import ONEDNN_CACHE, preload_env
+    from tinysft.models.cpu.allocator import ONEDNN_CACHE, preload_env
 
     if on_tcmalloc(side):
         env = preload_env()

@@ -45,7 +45,7 @@ class Ctx:
 def finished_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
     """A finished tiny run (1 step, rank 2), shared read-only by the cases."""
     from tinysft.config import load_config, parse_overrides
-    from tinysft.train import train
+    from tinysft.training import train
 
     tmp = tmp_path_factory.mktemp("bad-inputs-run")
     data = write_jsonl(tmp / "train.jsonl", CHAT_ROWS)
@@ -294,7 +294,7 @@ def test_disk_full_after_a_checkpoint_keeps_it_and_the_rerun_finishes(tmp_path: 
 
 def test_discard_unfinished_rules(tmp_path: Path) -> None:
     """A new folder without a checkpoint goes; a checkpoint, or a folder that existed, stays (minus temp files)."""
-    from tinysft.train import discard_unfinished
+    from tinysft.training import discard_unfinished
 
     def fail_inside(run: Path, make: Callable[[Path], None]) -> None:
         with pytest.raises(OSError), discard_unfinished(run):

@@ -12,7 +12,7 @@ import pytest
 def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
     from conftest import CHAT_ROWS, write_jsonl
     from tinysft.config import load_config, parse_overrides
-    from tinysft.train import train
+    from tinysft.training import train
 
     tmp = tmp_path_factory.mktemp("chat-run")
     data = write_jsonl(tmp / "train.jsonl", CHAT_ROWS)

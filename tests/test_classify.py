@@ -71,7 +71,7 @@ def tiny_config(model: Path, train: list[str], **train_overrides):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> Path:
     """One trained tiny classification run on the 40-row unit-test subset, shared by the tests below."""
-    from tinysft.classify import train_classifier
+    from tinysft.training import train_classifier
 
     run = tmp_path_factory.mktemp("cls") / "run"
     train_classifier(tiny_config(tiny_bert_dir, [str(NEWS / "unit_test.jsonl")]), run, log=lambda _m: None,
@@ -117,8 +117,8 @@ def test_metrics_match_scikit_learn() -> None:
 def test_lora_targets_are_chosen_per_architecture(kind: str, expected: list[str]) -> None:
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from tinysft.classify import choose_target_modules
     from tinysft.config import LoraConfig
+    from tinysft.models.encoder import choose_target_modules
 
     config = AutoConfig.for_model(kind, vocab_size=100, hidden_size=32, dim=32, hidden_dim=64, n_layers=1, n_heads=4,
                                   num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, num_labels=3)
@@ -128,8 +128,8 @@ def test_lora_targets_are_chosen_per_architecture(kind: str, expected: list[str]
 
 
 def test_default_model_for_classification_is_the_embedded_encoder() -> None:
-    from tinysft.classify import classifier_model_name
     from tinysft.config import load_config
+    from tinysft.models.encoder import classifier_model_name
     from tinysft.models.registry import DEFAULT_ENCODER
 
     cfg = load_config(None, {"train": {"task": "classify"}})
@@ -145,8 +145,8 @@ def test_new_head_modules_are_trained_and_saved(tmp_path: Path, encoder_dir: Pat
     """Every layer the checkpoint lacks is random at load time, so it must be trained and saved (modules_to_save)."""
     from transformers import BertConfig, BertModel, DistilBertConfig, DistilBertModel
 
-    from tinysft.classify import load_encoder
     from tinysft.config import ModelConfig
+    from tinysft.models.encoder import load_encoder
 
     if kind == "distilbert":
         DistilBertModel(DistilBertConfig(dim=32, hidden_dim=64, n_layers=1, n_heads=4)).save_pretrained(tmp_path)
@@ -164,7 +164,7 @@ def test_new_head_modules_are_trained_and_saved(tmp_path: Path, encoder_dir: Pat
 def test_training_raises_accuracy_on_the_unit_subset(tiny_run: Path) -> None:
     """Seed 002's unit test, done properly: train on the 40-row subset, accuracy must rise well above the
     untrained head's (chance is 0.25)."""
-    from tinysft.classify import evaluate_classifier
+    from tinysft.evaluate.classification import evaluate_classifier
 
     paths = evaluate_classifier(tiny_run, [str(NEWS / "unit_test.jsonl")], tiny_run / "report", log=lambda _m: None)
     report = json.loads(paths["json"].read_text())
@@ -184,7 +184,7 @@ def test_run_directory_and_plain_peft_reload(tiny_run: Path, tiny_bert_dir: Path
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from tinysft.classify import load_classifier_run, predict_texts
+    from tinysft.evaluate.classification import load_classifier_run, predict_texts
 
     for name in ("config.yaml", "labels.json", "manifest.json", "metrics.jsonl", "loss.png",
                  "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
@@ -251,7 +251,7 @@ def test_unknown_label_in_eval_data_names_file_and_line(tmp_path: Path, tiny_run
 def test_resumed_run_matches_an_uninterrupted_one(tmp_path: Path, tiny_bert_dir: Path) -> None:
     from safetensors.torch import load_file
 
-    from tinysft.classify import train_classifier
+    from tinysft.training import train_classifier
 
     cfg = tiny_config(tiny_bert_dir, [str(NEWS / "unit_test.jsonl")], epochs=2)
     cfg.lora.dropout = 0.1  # dropout RNG must be restored too
@@ -274,8 +274,9 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path: Path, tiny_bert_dir:
 @pytest.mark.integration
 def test_embedded_encoder_learns_news_topics(tmp_path: Path) -> None:
     """One epoch of the example recipe on the real MiniLM: held-out accuracy far above the untrained head."""
-    from tinysft.classify import evaluate_classifier, train_classifier
     from tinysft.config import load_config
+    from tinysft.evaluate.classification import evaluate_classifier
+    from tinysft.training import train_classifier
 
     cfg = load_config(NEWS / "config.yaml", {"train": {"epochs": 1}, "data": {"eval": []}})
     start = time.time()
@@ -287,8 +288,8 @@ def test_embedded_encoder_learns_news_topics(tmp_path: Path) -> None:
 
 
 def test_an_encoder_in_an_emulated_dtype_warns(monkeypatch, tiny_bert_dir: Path) -> None:
-    from tinysft.classify import load_encoder
     from tinysft.config import ModelConfig
+    from tinysft.models.encoder import load_encoder
 
     for probe in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
         monkeypatch.setattr(torch.cpu, probe, lambda: False)  # a CPU without bf16 instructions

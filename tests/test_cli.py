@@ -87,7 +87,7 @@ def test_prompt_rows_written_back_even_with_messages(tmp_path: Path, tiny_model_
 
 
 def test_cli_runs_on_tcmalloc_where_the_system_has_it() -> None:
-    from tinysft.allocator import tcmalloc_path
+    from tinysft.models.cpu.allocator import tcmalloc_path
 
     exe = shutil.which("tinysft", path=str(Path(sys.executable).parent))
     assert exe

@@ -41,7 +41,7 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
     (["data.category_weights=refusal:lots"], "data.category_weights.refusal: expected a number"),
     (["data.category_weights=refusal:-1"], "must be >= 0"),
     (["data.file_weights=more.jsonl:-1"], "data.file_weights.more.jsonl must be >= 0"),
-    (["train.preference_in_batch=true", "train.packing=false"], "preference_in_batch needs train.packing"),
+    (["train.max_steps=-1"], "train.max_steps must be >= 0"),
 ])
 def test_bad_values_are_named(override: list[str], fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(").replace(")", r"\)")):

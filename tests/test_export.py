@@ -32,7 +32,7 @@ from tinysft.export import (
 
 def train_run(model_dir: Path, where: Path, *extra: str) -> Path:
     from tinysft.config import load_config, parse_overrides
-    from tinysft.train import train
+    from tinysft.training import train
 
     data = write_jsonl(where / "train.jsonl", CHAT_ROWS)
     # A high learning rate so the adapter moves the logits visibly (a merge that dropped it would show).
@@ -252,7 +252,7 @@ def test_export_cli_and_its_errors(small_run: Path, tmp_path: Path) -> None:
 @pytest.mark.integration
 def test_real_model_merge_and_gguf_f16(tmp_path: Path) -> None:
     from tinysft.config import load_config, parse_overrides
-    from tinysft.train import train
+    from tinysft.training import train
 
     data = write_jsonl(tmp_path / "train.jsonl", CHAT_ROWS)
     cfg = load_config(None, parse_overrides([f"data.train={data}", "train.epochs=1", "train.batch_size=8",

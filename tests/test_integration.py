@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory) -> Path:
     from tinysft.config import load_config, parse_overrides
-    from tinysft.train import train
+    from tinysft.training import train
 
     run = tmp_path_factory.mktemp("real") / "run"
     cfg = load_config(None, parse_overrides([

@@ -14,7 +14,7 @@ import torch
 from conftest import CHAT_ROWS, write_jsonl
 from tinysft.config import ModelConfig, load_config, parse_overrides
 from tinysft.models.load import fast_bf16_available, load_causal_lm, load_run
-from tinysft.train import train
+from tinysft.training import train
 
 pytest.importorskip("bitsandbytes")
 QUIET = {"show_progress": False, "log": lambda m: None}

@@ -126,7 +126,7 @@ def test_report_without_flips_or_run_dir(tmp_path: Path) -> None:
 def tiny_run(tmp_path_factory, tiny_model_dir):
     from conftest import CHAT_ROWS, write_jsonl
     from tinysft.config import load_config, parse_overrides
-    from tinysft.train import train
+    from tinysft.training import train
 
     tmp = tmp_path_factory.mktemp("eval-run")
     data = write_jsonl(tmp / "train.jsonl", CHAT_ROWS)
@@ -167,9 +167,10 @@ def test_evaluate_run_with_heldout_loss_and_forgetting(tiny_run, prompt_file: Pa
 
     from tinysft.config import ModelConfig
     from tinysft.data.batching import make_batches
+    from tinysft.data.render import render_all
     from tinysft.data.validate import load_conversations
+    from tinysft.losses import evaluate_loss
     from tinysft.models.load import load_causal_lm
-    from tinysft.train import evaluate_loss, render_all
 
     plain, tok, _ = load_causal_lm(ModelConfig(name=json.loads((run / "manifest.json").read_text())["model_path"]))
     batches = make_batches(render_all(load_conversations([str(data)]), tok, 512), 8, tok.pad_token_id, shuffle=False)

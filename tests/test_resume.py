@@ -19,7 +19,7 @@ import pytest
 
 from conftest import CHAT_ROWS, write_jsonl
 from tinysft.config import load_config, parse_overrides
-from tinysft.train import TrainError, latest_checkpoint, train
+from tinysft.training import TrainError, latest_checkpoint, train
 
 TOTAL_STEPS = 12
 SETTINGS = ["train.epochs=4", "train.batch_size=2", "train.grad_accum=2", "train.packing=false",
@@ -93,12 +93,12 @@ def test_stopped_run_continues_with_the_same_losses(tmp_path, tiny_model_dir, da
 
 SLOW_TRAIN = """
 import sys, time
-import tinysft.train as t
-loss = t.causal_lm_loss
-def slow(model, batch, weights=None):  # make each step long enough to be killed between two checkpoints
+import tinysft.training.sft as t
+loss = t.lm_and_pair_loss
+def slow(*args, **kwargs):  # make each step long enough to be killed between two checkpoints
     time.sleep(0.25)
-    return loss(model, batch, weights)
-t.causal_lm_loss = slow
+    return loss(*args, **kwargs)
+t.lm_and_pair_loss = slow
 from tinysft.cli import app
 app(sys.argv[1:], prog_name="tinysft")
 """
@@ -194,17 +194,17 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, 
                                                                       monkeypatch) -> None:
     import torch
 
-    import tinysft.train as train_module
+    import tinysft.training.sft as sft
 
-    real = train_module.causal_lm_loss
+    real = sft.lm_and_pair_loss
     calls = {"n": 0}
 
-    def nan_from_step_5(model, batch, weights=None):
+    def nan_from_step_5(*args, **kwargs):
         calls["n"] += 1
-        loss, n = real(model, batch, weights)
-        return (loss * float("nan"), n) if calls["n"] > 8 else (loss, n)  # 2 micro-batches per step
+        loss, n, pref = real(*args, **kwargs)
+        return (loss * float("nan"), n, pref) if calls["n"] > 8 else (loss, n, pref)  # 2 micro-batches per step
 
-    monkeypatch.setattr(train_module, "causal_lm_loss", nan_from_step_5)
+    monkeypatch.setattr(sft, "lm_and_pair_loss", nan_from_step_5)
     run = tmp_path / "run"
     with pytest.raises(TrainError, match=r"loss became nan at step 5.*step-4, is kept") as e:
         train(cfg_for(tiny_model_dir, data), run, **QUIET)

@@ -39,7 +39,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
     from tinysft.config import load_config, parse_overrides
-    from tinysft.train import train
+    from tinysft.training import train
 
     tmp = tmp_path_factory.mktemp("serve-run")
     cfg = load_config(None, parse_overrides(["train.epochs=1", "train.batch_size=4", "train.learning_rate=1e-2",

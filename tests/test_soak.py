@@ -37,7 +37,7 @@ def load_benchmark():
 def real_run(tmp_path_factory: pytest.TempPathFactory, embedded_dir: Path) -> Path:
     """One optimizer step on the embedded model: a real run directory, cheaply."""
     from tinysft.config import load_config, parse_overrides
-    from tinysft.train import train
+    from tinysft.training import train
 
     tmp = tmp_path_factory.mktemp("soak")
     data = write_jsonl(tmp / "train.jsonl", CHAT_ROWS[:4])

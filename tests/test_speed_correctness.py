@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from tinysft.data.batching import IGNORE, Batch, collate, make_batches, pack
 from tinysft.data.render import Rendered, render
+from tinysft.losses import causal_lm_loss, evaluate_loss
 from tinysft.models.packed_attention import NAME, segment_bounds, use_packed_attention
-from tinysft.train import causal_lm_loss, evaluate_loss
 
 
 def _tiny_llama(vocab: int, seed: int = 0):
@@ -308,7 +308,7 @@ def test_generation_unchanged_by_packed_attention(tokenizer) -> None:
 def test_packed_run_follows_unpacked_loss_curve(tmp_path: Path, tiny_model_dir, tokenizer, monkeypatch) -> None:
     """Same batches, same steps: with dropout off, packing and shared openings change only the
     speed (length grouping is set for all, as its default follows packing)."""
-    import tinysft.train as train_mod
+    import tinysft.training.sft as sft
     from conftest import CHAT_ROWS, write_jsonl
     from tinysft.config import load_config, parse_overrides
     from tinysft.data.batching import share_prefixes
@@ -320,7 +320,7 @@ def test_packed_run_follows_unpacked_loss_curve(tmp_path: Path, tiny_model_dir, 
         computed.append((batch.input_ids.shape[1], out.input_ids.shape[1]))
         return out
 
-    monkeypatch.setattr(train_mod, "share_prefixes", spy)
+    monkeypatch.setattr(sft, "share_prefixes", spy)
     data = write_jsonl(tmp_path / "train.jsonl", CHAT_ROWS)
     curves, shared = {}, {}
     for name, packing, share in (("unpacked", False, True), ("packed", True, False), ("shared", True, True)):
@@ -330,7 +330,7 @@ def test_packed_run_follows_unpacked_loss_curve(tmp_path: Path, tiny_model_dir, 
             "train.batch_size=4", "train.learning_rate=1e-2", "train.log_every=1", "lora.r=4", "lora.alpha=8",
             "lora.dropout=0.0", "train.mixed_precision=no", f"train.packing={str(packing).lower()}",
             "train.group_by_length=true", f"train.share_prefixes={str(share).lower()}"]))
-        train_mod.train(cfg, tmp_path / f"run-{name}", show_progress=False, log=lambda m: None)
+        sft.train(cfg, tmp_path / f"run-{name}", show_progress=False, log=lambda m: None)
         lines = [json.loads(x) for x in (tmp_path / f"run-{name}" / "metrics.jsonl").read_text().splitlines()]
         curves[name] = [h["loss"] for h in lines if "loss" in h]
         shared[name] = list(computed)
@@ -343,7 +343,7 @@ def test_packed_run_follows_unpacked_loss_curve(tmp_path: Path, tiny_model_dir, 
 
 
 def test_fast_dropout_matches_dropout_in_distribution() -> None:
-    from tinysft.models.lora_dropout import FastDropout, keep_mask
+    from tinysft.models.cpu.lora_dropout import FastDropout, keep_mask
 
     keep, q = keep_mask((400, 500), 0.9)
     assert keep.dtype == torch.bool and keep.shape == (400, 500)
@@ -368,7 +368,7 @@ def test_fast_dropout_matches_dropout_in_distribution() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fast_dropout_multiply_equals_the_masked_select(dtype) -> None:
     """The mask applied as a 0/1 multiply gives the values of torch.where(keep, x, 0) / q, both ways."""
-    from tinysft.models.lora_dropout import _MaskedScale, keep_mask
+    from tinysft.models.cpu.lora_dropout import _MaskedScale, keep_mask
 
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(37, 300, generator=gen).to(dtype).requires_grad_()
@@ -383,8 +383,8 @@ def test_fast_dropout_multiply_equals_the_masked_select(dtype) -> None:
 
 def test_use_fast_dropout_swaps_only_lora_dropout(tokenizer) -> None:
     from tinysft.config import LoraConfig
+    from tinysft.models.cpu.lora_dropout import FastDropout, use_fast_dropout
     from tinysft.models.load import add_lora
-    from tinysft.models.lora_dropout import FastDropout, use_fast_dropout
 
     model = add_lora(_tiny_llama(len(tokenizer)), LoraConfig(r=4, alpha=8, dropout=0.1))
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -434,41 +434,8 @@ def test_split_batch_pieces_add_up_to_the_batch(rows, tokenizer, layout) -> None
         torch.testing.assert_close(split[k], g, rtol=1e-4, atol=1e-6)
 
 
-def test_answer_start_weights_mark_the_first_tokens_of_each_answer() -> None:
-    from tinysft.data.batching import answer_start_weights
-
-    x = IGNORE
-    labels = torch.tensor([[x, x, 5, 6, 7, 8, x, x, 9, 9, x], [1, 2, 3, x, x, x, x, x, x, x, x]])
-    w = answer_start_weights(labels, first=2, weight=5.0)
-    assert w.tolist() == [[0, 0, 5, 5, 1, 1, 0, 0, 5, 5, 0], [5, 5, 1, 0, 0, 0, 0, 0, 0, 0, 0]]
-    assert answer_start_weights(labels, first=2, weight=1.0).tolist() == (labels != IGNORE).float().tolist()
-
-
-@pytest.mark.parametrize("head", ["chunked", "logits_to_keep"])
-def test_weighted_loss_equals_weighted_full_logit_loss(rows, tokenizer, head) -> None:
-    """train.answer_start_weight: both head paths weigh each token's loss, and the chunked head's gradient follows."""
-    from tinysft.data.batching import answer_start_weights
-
-    model = _tiny_llama(len(tokenizer))
-    if head == "chunked":
-        model.requires_grad_(False)
-        model.model.embed_tokens.weight.requires_grad_(True)  # something upstream of the head to check
-    for batch in (collate(rows, tokenizer.pad_token_id), pack(rows, tokenizer.pad_token_id)):
-        w = answer_start_weights(batch.labels, 3, 4.0)
-        assert int((w == 4.0).sum()) == 3 * 6  # 6 answers in `rows`, each at least 3 tokens long
-        loss, n = causal_lm_loss(model, batch, w)
-        full = (per_token_loss(model, batch) * w[:, 1:]).sum()
-        assert n == batch.n_trained
-        assert float(loss.detach()) == pytest.approx(float(full.detach()), rel=1e-5)
-        if head == "chunked":
-            emb = model.model.embed_tokens.weight
-            (g_ours,) = torch.autograd.grad(loss, emb)
-            (g_ref,) = torch.autograd.grad(full, emb)
-            torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-6)
-
-
 def test_cap_onednn_cache_keeps_a_user_setting(monkeypatch) -> None:
-    from tinysft.allocator import ONEDNN_CACHE, cap_onednn_cache
+    from tinysft.models.cpu.allocator import ONEDNN_CACHE, cap_onednn_cache
 
     monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
     cap_onednn_cache()
@@ -506,16 +473,16 @@ def test_batches_mix_lengths_without_length_grouping(tokenizer) -> None:
 @pytest.mark.parametrize("chunked_head", [True, False])
 def test_packed_sequence_logprobs_equal_padded(rows, tokenizer, chunked_head, monkeypatch) -> None:
     """The preference term's per-conversation log-probabilities are the same from one packed row."""
-    import tinysft.train as train_mod
+    import tinysft.losses as losses
 
     model = _tiny_llama(len(tokenizer))
     assert use_packed_attention(model)
     if not chunked_head:
-        monkeypatch.setattr(train_mod, "plain_lm_head", lambda _m: None)
+        monkeypatch.setattr(losses, "plain_lm_head", lambda _m: None)
     with torch.no_grad():
-        padded = train_mod.sequence_logprobs(model, collate(rows, tokenizer.pad_token_id))
-        packed = train_mod.sequence_logprobs(model, pack(rows, tokenizer.pad_token_id))
-        alone = [float(train_mod.sequence_logprobs(model, collate([r], tokenizer.pad_token_id))[0]) for r in rows]
+        padded = losses.sequence_logprobs(model, collate(rows, tokenizer.pad_token_id))
+        packed = losses.sequence_logprobs(model, pack(rows, tokenizer.pad_token_id))
+        alone = [float(losses.sequence_logprobs(model, collate([r], tokenizer.pad_token_id))[0]) for r in rows]
     assert packed.shape == padded.shape == (len(rows),)
     assert packed.tolist() == pytest.approx(alone, rel=1e-5, abs=1e-4)
     assert padded.tolist() == pytest.approx(alone, rel=1e-5, abs=1e-4)
@@ -554,78 +521,20 @@ def _lora_tiny(tokenizer):
 
 @pytest.mark.parametrize("tokens", [0, 3])
 @pytest.mark.parametrize("chunked_head", [True, False])
-def test_in_row_pairs_equal_a_separate_pair_pass(tokenizer, tokens, chunked_head, monkeypatch) -> None:
-    """Rejected answers packed as branches of their conversations (``preference_in_batch``) give the
-    preference term of separate (chosen, rejected) conversations, value and LoRA gradients, and
-    leave the SFT loss as it is without them."""
-    import tinysft.train as train_mod
+def test_pairs_in_the_sft_pass_equal_a_separate_pair_pass(rows, tokenizer, tokens, chunked_head, monkeypatch) -> None:
+    """Pool pairs as ``pair_only`` rows in the SFT pass (each rejected answer a branch of its
+    prompt) give the separate pair pass's mean term and LoRA gradients, and leave the SFT loss and
+    its token counts as they are."""
+    import tinysft.losses as losses
+    from tinysft.data.batching import append_rows
+    from tinysft.training.preference import pair_row, preference_loss, preference_pairs
 
     if not chunked_head:
-        monkeypatch.setattr(train_mod, "plain_lm_head", lambda _m: None)
-    convs = _paired_conversations()
-    plain = train_mod.render_all(convs, tokenizer, 512)
-    paired = train_mod.rows_with_rejected(convs, plain, tokenizer, 512, None, tokens)
-    assert [len(r.rejected or []) for r in paired] == [1, 0, 2, 1]
-    model = _lora_tiny(tokenizer)
-    beta = 0.1
-
-    def grads(loss: torch.Tensor) -> dict[str, torch.Tensor]:
-        model.zero_grad(set_to_none=True)
-        loss.backward()
-        return {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
-
-    batch = pack(paired, tokenizer.pad_token_id)
-    assert batch.n_pairs == 3 and batch.n_tokens == sum(len(r.input_ids) for r in plain)
-    sft, n, pref = train_mod.lm_and_pair_loss(model, batch, beta=beta)
-    sft_alone, n_alone = causal_lm_loss(model, pack(plain, tokenizer.pad_token_id))
-    assert n == n_alone and float(sft.detach()) == pytest.approx(float(sft_alone.detach()), rel=1e-5)
-    in_row = grads(pref)
-
-    # Each paired conversation is one example: the mean over its rejected answers (row 3 has two).
-    separate = sum(train_mod.preference_loss(model, [c for c, _ in pairs], [r for _, r in pairs],
-                                             tokenizer.pad_token_id, beta, torch.device("cpu"))
-                   for pairs in (train_mod.preference_pairs([c], tokenizer, 512, None, tokens) for c in convs) if pairs)
-    assert float(pref.detach()) == pytest.approx(float(separate.detach()), rel=1e-5)
-    assert float(pref.detach()) != pytest.approx(3 * 0.6931, rel=1e-3)  # margins are not all 0
-    for k, g in grads(separate).items():
-        assert g.abs().sum() > 0, k
-        torch.testing.assert_close(in_row[k], g, rtol=1e-4, atol=1e-6)
-
-
-def test_split_batch_keeps_a_rejected_branch_with_its_conversation(tokenizer) -> None:
-    import tinysft.train as train_mod
-    from tinysft.data.batching import split_batch
-
-    convs = _paired_conversations()
-    rows = train_mod.rows_with_rejected(convs, train_mod.render_all(convs, tokenizer, 512), tokenizer, 512, None, 4)
-    batch = pack(rows, tokenizer.pad_token_id)
-    pieces = split_batch(batch, max(len(r.input_ids) for r in rows) + 1)
-    assert len(pieces) > 1
-    assert sum(p.n_pairs for p in pieces) == batch.n_pairs == 3
-    assert sum(p.n_tokens for p in pieces) == batch.n_tokens
-    assert sum(p.input_ids.shape[1] for p in pieces) == batch.input_ids.shape[1]
-    model = _lora_tiny(tokenizer)
-    with torch.no_grad():
-        whole = train_mod.lm_and_pair_loss(model, batch)
-        parts = [train_mod.lm_and_pair_loss(model, p) for p in pieces]
-    assert sum(float(p[0]) for p in parts) == pytest.approx(float(whole[0]), rel=1e-5)
-    assert sum(float(p[2]) for p in parts) == pytest.approx(float(whole[2]), rel=1e-5)
-    for p in pieces:  # every piece starts with a conversation, never with a branch
-        assert int(p.position_ids[0, 0]) == 0
-
-
-def test_pool_pairs_appended_to_a_packed_batch_equal_their_own_pass(rows, tokenizer) -> None:
-    """Pool pairs as ``pair_only`` rows in the SFT pass give the separate pair pass's mean term and
-    gradients, and leave the SFT loss and its token counts as they are."""
-    import dataclasses
-
-    import tinysft.train as train_mod
-    from tinysft.data.batching import append_rows
-
+        monkeypatch.setattr(losses, "plain_lm_head", lambda _m: None)
     convs = [c for c in _paired_conversations() if c.extra]
-    pairs = train_mod.preference_pairs(convs, tokenizer, 512, None, 4)
+    pairs = preference_pairs(convs, tokenizer, 512, None, tokens)
     assert len(pairs) == 4  # row 3 has two rejected answers
-    pair_rows = [dataclasses.replace(train_mod.with_rejected(c, [r]), pair_only=True) for c, r in pairs]
+    pair_rows = [pair_row(c, r) for c, r in pairs]
     model = _lora_tiny(tokenizer)
     sft_batch = pack(rows, tokenizer.pad_token_id)
     fused = append_rows(sft_batch, pair_rows)
@@ -636,20 +545,49 @@ def test_pool_pairs_appended_to_a_packed_batch_equal_their_own_pass(rows, tokeni
         loss.backward()
         return {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
 
-    sft, n, pref_sum = train_mod.lm_and_pair_loss(model, fused)
-    alone, n_alone = causal_lm_loss(model, sft_batch)
+    sft, n, pref_sum = losses.lm_and_pair_loss(model, fused)
+    alone, n_alone = losses.causal_lm_loss(model, sft_batch)
     assert n == n_alone and float(sft.detach()) == pytest.approx(float(alone.detach()), rel=1e-5)
     together = grads(sft + pref_sum / len(pairs))
-    separate = train_mod.preference_loss(model, [c for c, _ in pairs], [r for _, r in pairs], tokenizer.pad_token_id,
-                                         0.1, torch.device("cpu"), packing=True)
+    separate = preference_loss(model, [c for c, _ in pairs], [r for _, r in pairs], tokenizer.pad_token_id,
+                               0.1, torch.device("cpu"), packing=True)
     assert float(pref_sum.detach()) / len(pairs) == pytest.approx(float(separate.detach()), rel=1e-5)
-    apart = grads(causal_lm_loss(model, sft_batch)[0] + separate)
+    assert float(separate.detach()) != pytest.approx(0.6931, rel=1e-3)  # margins are not all 0
+    apart = grads(losses.causal_lm_loss(model, sft_batch)[0] + separate)
     for k, g in apart.items():
+        assert g.abs().sum() > 0, k
         torch.testing.assert_close(together[k], g, rtol=1e-4, atol=1e-6)
 
 
+def test_split_batch_keeps_a_rejected_branch_with_its_conversation(rows, tokenizer) -> None:
+    import dataclasses
+
+    from tinysft.data.batching import split_batch
+    from tinysft.losses import lm_and_pair_loss
+    from tinysft.training.preference import pair_row, preference_pairs
+
+    pairs = preference_pairs([c for c in _paired_conversations() if c.extra], tokenizer, 512, None, 4)
+    # Rows carrying rejected branches, trained in SFT too (pair_only=False), so every token count is comparable.
+    branched = [dataclasses.replace(pair_row(c, r), pair_only=False) for c, r in pairs]
+    mixed = [*rows[:3], *branched, *rows[3:]]
+    batch = pack(mixed, tokenizer.pad_token_id)
+    pieces = split_batch(batch, max(len(r.input_ids) for r in mixed) + 1)
+    assert len(pieces) > 1
+    assert sum(p.n_pairs for p in pieces) == batch.n_pairs == 4
+    assert sum(p.n_tokens for p in pieces) == batch.n_tokens
+    assert sum(p.input_ids.shape[1] for p in pieces) == batch.input_ids.shape[1]
+    model = _lora_tiny(tokenizer)
+    with torch.no_grad():
+        whole = lm_and_pair_loss(model, batch)
+        parts = [lm_and_pair_loss(model, p) for p in pieces]
+    assert sum(float(p[0]) for p in parts) == pytest.approx(float(whole[0]), rel=1e-5)
+    assert sum(float(p[2]) for p in parts) == pytest.approx(float(whole[2]), rel=1e-5)
+    for p in pieces:  # every piece starts with a conversation, never with a branch
+        assert int(p.position_ids[0, 0]) == 0
+
+
 def test_keep_bits_are_keep_mask_decisions_as_integer_masks() -> None:
-    from tinysft.models.lora_dropout import apply_bits, keep_bits, keep_mask
+    from tinysft.models.cpu.lora_dropout import apply_bits, keep_bits, keep_mask
 
     keep, q = keep_mask((37, 300), 0.9, generator=torch.Generator().manual_seed(4))
     bits, q_bits = keep_bits((37, 300), 0.9, generator=torch.Generator().manual_seed(4))
@@ -666,9 +604,9 @@ def test_keep_bits_are_keep_mask_decisions_as_integer_masks() -> None:
 def _fused_pair(tokenizer, dropout: float, dtype: torch.dtype):
     """Two identical LoRA models (all 7 linear layers, random B), the second through ``_LoraLinear``."""
     from tinysft.config import LoraConfig
+    from tinysft.models.cpu.lora_dropout import use_fast_dropout
+    from tinysft.models.cpu.lora_linear import use_fused_lora
     from tinysft.models.load import add_lora, keep_lora_inputs_in_compute_dtype
-    from tinysft.models.lora_dropout import use_fast_dropout
-    from tinysft.models.lora_linear import use_fused_lora
 
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     models = []
@@ -751,7 +689,7 @@ def test_fast_rms_norm_equals_transformers(dtype) -> None:
     """The same output bit for bit; the input gradient as close to fp64 as transformers' own."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from tinysft.models.rms_norm import use_fast_rms_norm
+    from tinysft.models.cpu.rms_norm import use_fast_rms_norm
 
     gen = torch.Generator().manual_seed(5)
     norms = []
@@ -794,7 +732,7 @@ def test_fused_silu_mul_equals_transformers(dtype) -> None:
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaMLP
 
-    from tinysft.models.swiglu import use_fused_silu_mul
+    from tinysft.models.cpu.swiglu import use_fused_silu_mul
 
     config = LlamaConfig(hidden_size=48, intermediate_size=128, num_attention_heads=4, hidden_act="silu")
     mlps = []
@@ -829,7 +767,7 @@ def test_fused_silu_mul_equals_transformers(dtype) -> None:
 
 def test_pass_tokens_double_when_computing_in_16_bits() -> None:
     """A CPU pass holds 1,024 tokens in fp32 and 2,048 in bf16 / fp16; a GPU takes the micro-batch whole."""
-    from tinysft.train import PASS_TOKENS_CPU, pass_tokens_for
+    from tinysft.training.sft import PASS_TOKENS_CPU, pass_tokens_for
 
     cpu = torch.device("cpu")
     assert pass_tokens_for(cpu, "no", torch.float32) == PASS_TOKENS_CPU == 1024
@@ -844,7 +782,7 @@ def test_fused_lora_leaves_lora_bias_to_peft() -> None:
 
     from peft import LoraConfig, get_peft_model
 
-    from tinysft.models.lora_linear import use_fused_lora
+    from tinysft.models.cpu.lora_linear import use_fused_lora
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 16, bias=False))
@@ -864,10 +802,9 @@ def test_fused_lora_leaves_lora_bias_to_peft() -> None:
 def _shared_opening_rows(tokenizer) -> tuple[list[Rendered], list[Rendered]]:
     """SFT rows with shared openings at two depths (the template's system prompt; a whole prompt
     answered twice, which sorts next to a row with a different prompt), one with its own system
-    prompt, paired rows with rejected branches, and pool pairs (``pair_only``) of them."""
-    import dataclasses
-
-    import tinysft.train as train_mod
+    prompt, the paired conversations, and pool pairs (``pair_only``) of them."""
+    from tinysft.data.render import render_all
+    from tinysft.training.preference import pair_row, preference_pairs
 
     colours = "Name three colours of the rainbow, please."
     chats = [
@@ -880,10 +817,8 @@ def _shared_opening_rows(tokenizer) -> tuple[list[Rendered], list[Rendered]]:
     ]
     paired_convs = [c for c in _paired_conversations() if c.extra]
     sft = [render(c, tokenizer) for c in chats]
-    paired = train_mod.rows_with_rejected(paired_convs, train_mod.render_all(paired_convs, tokenizer, 512), tokenizer,
-                                          512, None, 4)
-    pairs = train_mod.preference_pairs(paired_convs, tokenizer, 512, None, 4)
-    pool = [dataclasses.replace(train_mod.with_rejected(c, [r]), pair_only=True) for c, r in pairs]
+    paired = render_all(paired_convs, tokenizer, 512)
+    pool = [pair_row(c, r) for c, r in preference_pairs(paired_convs, tokenizer, 512, None, 4)]
     return [*sft, *paired], pool
 
 
@@ -892,8 +827,8 @@ def test_shared_prefixes_keep_losses_and_gradients(tokenizer, short, monkeypatch
     """A packed batch whose shared openings are computed once (``share_prefixes``) gives the
     batch's SFT loss, preference term and LoRA gradients, with fewer tokens in the pass."""
     import tinysft.models.packed_attention as packed_attention
-    import tinysft.train as train_mod
     from tinysft.data.batching import append_rows, share_prefixes
+    from tinysft.losses import lm_and_pair_loss
 
     if not short:
         monkeypatch.setattr(packed_attention, "SHORT_ATTENTION_MAX", 0)
@@ -911,7 +846,7 @@ def test_shared_prefixes_keep_losses_and_gradients(tokenizer, short, monkeypatch
 
     def run(b: Batch) -> tuple[float, float, dict[str, torch.Tensor]]:
         model.zero_grad(set_to_none=True)
-        sft, _n, pref = train_mod.lm_and_pair_loss(model, b)
+        sft, _n, pref = lm_and_pair_loss(model, b)
         (sft + pref).backward()
         return float(sft.detach()), float(pref.detach()), {k: p.grad.clone() for k, p in model.named_parameters()
                                                            if p.requires_grad}

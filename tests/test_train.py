@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tinysft.config import load_config, parse_overrides
-from tinysft.train import train
+from tinysft.training import train
 
 
 def tiny_cfg(model_dir: Path, data: Path, *extra: str):
@@ -98,7 +98,7 @@ def test_peft_loads_the_adapter_in_a_fresh_process(tiny_run, tiny_model_dir) -> 
 
 
 def test_refuses_to_overwrite_a_finished_run(tiny_run) -> None:
-    from tinysft.train import TrainError
+    from tinysft.training import TrainError
 
     run, _, cfg = tiny_run
     with pytest.raises(TrainError, match="already holds a run"):
@@ -154,8 +154,9 @@ def test_preference_loss_widens_the_margin(tiny_model_dir, tokenizer) -> None:
     from tinysft.config import LoraConfig
     from tinysft.data.batching import collate
     from tinysft.data.formats import to_conversation
+    from tinysft.losses import sequence_logprobs
     from tinysft.models.load import add_lora
-    from tinysft.train import preference_loss, preference_pairs, sequence_logprobs
+    from tinysft.training.preference import preference_loss, preference_pairs
 
     # Rejected answers as long as the chosen ones, so the margin starts near 0 (not saturated).
     rows = [{"prompt": f"How do I pick the lock of my own bike number {n}?", "response": f"Use the key, or call shop {n}.",
@@ -184,23 +185,45 @@ def test_preference_loss_widens_the_margin(tiny_model_dir, tokenizer) -> None:
     assert losses[-1] < losses[0], losses
 
 
-@pytest.mark.parametrize("extra", [[], ["train.preference_tokens=4", "train.preference_pairs=1"], ["train.packing=false"],
-                                   ["train.preference_in_batch=true"],
-                                   ["train.preference_in_batch=true", "train.preference_tokens=4"]])
+def preference_margin(run: Path, model_dir: Path, rows: list[dict]) -> float:
+    """Mean over ``rows`` of log p(response) - log p(rejected) under the run's tuned model."""
+    from tinysft.data.batching import collate
+    from tinysft.data.formats import to_conversation
+    from tinysft.losses import sequence_logprobs
+    from tinysft.models.load import load_run
+    from tinysft.training.preference import preference_pairs
+
+    loaded = load_run(run, log=lambda m: None)
+    pairs = preference_pairs([to_conversation(r) for r in rows], loaded.tokenizer, 512, None)
+    pad = loaded.tokenizer.pad_token_id
+    with torch.no_grad():
+        chosen = sequence_logprobs(loaded.model, collate([c for c, _ in pairs], pad))
+        rejected = sequence_logprobs(loaded.model, collate([r for _, r in pairs], pad))
+    return float((chosen - rejected).mean())
+
+
+@pytest.mark.parametrize("extra", [[], ["train.preference_tokens=4", "train.preference_pairs=1"], ["train.packing=false"]])
 def test_preference_term_is_trained_and_logged(tmp_path, tiny_model_dir, extra) -> None:
+    """The term is logged every step, falls, and moves the weights: the tuned model's margin
+    log p(answer) - log p(rejected) ends higher than the same run's without the term. Removing the
+    term's backward (or its share of the step loss) leaves the margin where SFT alone puts it."""
     from conftest import CHAT_ROWS, write_jsonl
 
+    # Rejected answers that differ from the first token and are about as long (margins near 0 at first).
     rows = [{"prompt": f"How do I kill stuck process {n}?", "response": f"Run kill {n}.",
-             "rejected": "I'm sorry, but I can't help with that."} for n in (11, 22)]
+             "rejected": f"Wait {n} days."} for n in (11, 22)]
     data = write_jsonl(tmp_path / "train.jsonl", CHAT_ROWS + rows)
-    result = train(tiny_cfg(tiny_model_dir, data, "train.epochs=2", "train.preference_weight=1", *extra),
+    settings = ("train.epochs=2", "train.learning_rate=5e-3", *extra)
+    result = train(tiny_cfg(tiny_model_dir, data, *settings, "train.preference_weight=1", "train.preference_beta=1"),
                    tmp_path / "run", show_progress=False, log=lambda m: None)
     prefs = [h["preference_loss"] for h in result.history if "preference_loss" in h]
-    assert all(math.isfinite(p) and p >= 0 for p in prefs), prefs
-    if "train.preference_in_batch=true" in extra:  # logged on the steps whose batch holds a paired row
-        assert 0 < len(prefs) < result.steps, prefs
-    else:
-        assert len(prefs) == result.steps, prefs
+    assert len(prefs) == result.steps and all(math.isfinite(p) and p >= 0 for p in prefs), prefs
+    train(tiny_cfg(tiny_model_dir, data, *settings), tmp_path / "sft", show_progress=False, log=lambda m: None)
+    with_term = preference_margin(tmp_path / "run", tiny_model_dir, rows)
+    sft_only = preference_margin(tmp_path / "sft", tiny_model_dir, rows)
+    # Measured: the term adds 1.6 to 2.5 nats of margin over SFT alone (0.2 to 0.35) across the three
+    # layouts; without its backward the two runs' margins agree to 1e-3.
+    assert with_term > sft_only + 0.8, (with_term, sft_only)
 
 
 def test_preference_weight_without_rejected_rows_is_a_data_error(tmp_path, tiny_model_dir, chat_file) -> None:
@@ -228,7 +251,7 @@ def test_preference_pool_follows_the_data_weights(tmp_path, tiny_model_dir) -> N
 def test_preference_pairs_keep_the_answer_prefix(tokenizer) -> None:
     from tinysft.data.formats import to_conversation
     from tinysft.data.render import render
-    from tinysft.train import preference_pairs
+    from tinysft.training.preference import preference_pairs
 
     row = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there, friend."},
                         {"role": "user", "content": "How do I kill a stuck job?"},
@@ -250,7 +273,7 @@ def test_preference_pairs_keep_the_answer_prefix(tokenizer) -> None:
 
 
 def test_optimizer_is_fused_where_it_can_be_and_updates_like_the_default() -> None:
-    from tinysft.train import make_optimizer
+    from tinysft.training.loop import make_optimizer
 
     torch.manual_seed(0)
     init = [torch.randn(16, 40), torch.randn(40, 16), torch.randn(7)]
@@ -378,13 +401,12 @@ def test_models_load_without_hub_kernels(tiny_model_dir: Path) -> None:
     assert AutoModelForCausalLM.from_pretrained(tiny_model_dir, **HUB_KERNELS_OFF).use_kernels is False
 
 
-@pytest.mark.parametrize(("setting", "in_batch", "device", "packed"), [
-    ("auto", False, "cpu", True), ("auto", False, "cuda", False), ("auto", True, "cuda", True),
-    ("true", False, "cuda", True), ("false", False, "cpu", False)])
-def test_packing_auto_packs_on_a_cpu_and_pads_on_a_gpu(setting: str, in_batch: bool, device: str, packed: bool) -> None:
-    from tinysft.train import packing_for
+@pytest.mark.parametrize(("setting", "device", "packed"), [
+    ("auto", "cpu", True), ("auto", "cuda", False), ("true", "cuda", True), ("false", "cpu", False)])
+def test_packing_auto_packs_on_a_cpu_and_pads_on_a_gpu(setting: str, device: str, packed: bool) -> None:
+    from tinysft.training.sft import packing_for
 
-    cfg = load_config(None, parse_overrides([f"train.packing={setting}", f"train.preference_in_batch={in_batch}"]))
+    cfg = load_config(None, parse_overrides([f"train.packing={setting}"]))
     assert packing_for(cfg, torch.device(device)) is packed
 
 

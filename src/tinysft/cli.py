@@ -44,7 +44,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from tinysft.data.render import RenderError
     from tinysft.data.validate import DataError
     from tinysft.models.registry import ModelError
-    from tinysft.train import TrainError
+    from tinysft.training import TrainError
 
     return (ConfigError, DataError, RenderError, RowProblem, ModelError, TrainError, FileNotFoundError,
             PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
@@ -134,7 +134,7 @@ def models() -> None:
 
     Example: tinysft models
     """
-    from tinysft.allocator import allocator_in_use
+    from tinysft.models.cpu.allocator import allocator_in_use
     from tinysft.models.load import fast_bf16_available
     from tinysft.models.registry import list_models, tinysft_home
 
@@ -166,9 +166,22 @@ def data_check(
     if task == "classify":
         report = data_stats.check_labeled([str(f) for f in files], strict=strict)
     else:
-        report = data_stats.check_chat([str(f) for f in files], model=model, max_length=max_length,
-                                       show_mask=show_mask, strict=strict, log=_log)
+        report = data_stats.check_chat([str(f) for f in files], tokenizer=tokenizer_loader(model),
+                                       max_length=max_length, show_mask=show_mask, strict=strict)
     data_stats.print_report(report, out)
+
+
+def tokenizer_loader(model: str | None) -> Callable[[], Any] | None:
+    """A function that loads ``model``'s tokenizer (None without a model)."""
+    if not model:
+        return None
+
+    def load() -> Any:
+        from tinysft.models.load import load_tokenizer, resolve_model_path
+
+        return load_tokenizer(resolve_model_path(model, log=_log))
+
+    return load
 
 
 @app.command("train")
@@ -200,15 +213,15 @@ def train_cmd(
     if eval_data:
         overrides.setdefault("data", {})["eval"] = eval_data
     cfg = load_config(config, overrides)
-    from tinysft.train import discard_unfinished
+    from tinysft.training import discard_unfinished
 
     with discard_unfinished(out_dir):  # a failed run leaves no half-written folder behind
         if cfg.train.task == "classify":
-            from tinysft.classify import train_classifier
+            from tinysft.training import train_classifier
 
             result = train_classifier(cfg, out_dir, resume=resume, log=_log, show_progress=not no_progress)
         else:
-            from tinysft.train import train
+            from tinysft.training import train
 
             result = train(cfg, out_dir, resume=resume, log=_log, show_progress=not no_progress)
     if os.environ.get("RANK", "0") != "0":  # torchrun / accelerate launch: rank 0 alone reports
@@ -280,7 +293,7 @@ def eval_cmd(
     cfg = load_config(run_dir / "config.yaml")
     target = out_dir or run_dir
     if cfg.train.task == "classify":
-        from tinysft.classify import evaluate_classifier
+        from tinysft.evaluate.classification import evaluate_classifier
 
         paths = evaluate_classifier(run_dir, [str(p) for p in (data or [])] or cfg.data.eval, target, log=_log)
         m = json.loads(paths["json"].read_text(encoding="utf-8"))["metrics"]
@@ -315,7 +328,7 @@ def predict(
 
     Example: tinysft predict runs/news --data examples/news-topics/val.jsonl --out predictions.jsonl
     """
-    from tinysft.classify import predict_rows
+    from tinysft.evaluate.classification import predict_rows
 
     rows, accuracy = predict_rows(run_dir, data, tuned=not base, log=_log)
     atomic_write_text(out_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
@@ -445,7 +458,7 @@ def serve(
 
 
 def main() -> None:
-    from tinysft.allocator import cap_onednn_cache, reexec_with_tcmalloc
+    from tinysft.models.cpu.allocator import cap_onednn_cache, reexec_with_tcmalloc
 
     cap_onednn_cache()  # in the environment before the re-exec, so every command has it
     reexec_with_tcmalloc()

@@ -106,6 +106,8 @@ class TrainConfig:
     """sft: causal LM on chat data; classify: sequence classification on text/label rows."""
     epochs: float = 3.0
     """Passes over the training data."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0 = train.epochs decides): for quick trial runs."""
     learning_rate: float = 2e-4
     """Peak learning rate of AdamW."""
     batch_size: int = 8
@@ -127,7 +129,7 @@ class TrainConfig:
     measures faster than fp32 (models.load.fast_bf16_available); else fp32."""
     packing: bool | Literal["auto"] = "auto"
     """Pack several conversations per row (attention stays within each conversation). auto = packed on a
-    CPU and wherever train.preference_in_batch needs it; padded batches on a GPU, where tinysft's
+    CPU; padded batches on a GPU, where tinysft's
     per-conversation attention (one kernel call per conversation and layer) measured ~4x slower than
     padding (H200: 1,254 vs 5,063 tokens/s; docs/benchmarks.md)."""
     share_prefixes: bool = True
@@ -141,27 +143,18 @@ class TrainConfig:
     (docs/recipe.md)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward: less memory, more time."""
-    answer_start_tokens: int = 0
-    """The first N tokens of every assistant answer weigh train.answer_start_weight in the loss (0 = off)."""
-    answer_start_weight: float = 1.0
-    """Loss weight of those tokens (others weigh 1): where the model decides to refuse or to answer."""
     preference_weight: float = 0.0
     """Weight of the preference term for rows with a `rejected` answer (0 = off); see docs/recipe.md."""
     preference_beta: float = 0.1
     """Scale of the log-probability margin inside that term: -log sigmoid(beta * (log p(answer) - log p(rejected)))."""
     preference_pairs: int = 0
-    """Pairs in the preference term per optimizer step and process (0 = half of train.batch_size)."""
+    """Pairs in the preference term per optimizer step and process (0 = half of train.batch_size),
+    drawn from every training row with a `rejected` answer; a row with a list of them gives one pair
+    per rejected answer. With packing they are scored inside the SFT pass as extra pair-only rows
+    sharing their prompt; otherwise in a pass of their own."""
     preference_tokens: int = 0
     """Only the first N tokens of the answer and of `rejected` enter the term (0 = whole answers):
     the refuse-or-answer decision is made there, and the pair pass gets shorter."""
-    preference_in_batch: bool = False
-    """Pairs are the batch's own rows with a `rejected` answer (so they follow data.category_weights),
-    scored in the SFT pass itself: each rejected answer is a branch of its packed conversation,
-    sharing the prompt, so the term costs only the rejected tokens. Needs train.packing.
-    False = train.preference_pairs pairs per step drawn from all such rows (also scored inside the
-    SFT pass, as extra pair-only rows, where tinysft's packed attention is on; else in a pass of their own).
-    A row whose `rejected` is a list counts as one example here (its pairs averaged) and as one pool
-    pair per rejected answer when False."""
     log_every: int = 5
     """Optimizer steps between log lines in metrics.jsonl."""
     eval_every: int = 0
@@ -184,15 +177,10 @@ class TrainConfig:
             raise ConfigError(f"train.warmup_ratio must be in [0, 1) (got {self.warmup_ratio}).")
         if self.preference_beta <= 0:
             raise ConfigError(f"train.preference_beta must be > 0 (got {self.preference_beta}) — try 0.1.")
-        if self.answer_start_weight <= 0:
-            raise ConfigError(f"train.answer_start_weight must be > 0 (got {self.answer_start_weight}); 1 = off.")
-        for name in ("weight_decay", "max_grad_norm", "eval_every", "save_every", "threads", "answer_start_tokens",
+        for name in ("weight_decay", "max_grad_norm", "eval_every", "save_every", "threads", "max_steps",
                      "preference_weight", "preference_pairs", "preference_tokens"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0 (got {getattr(self, name)}); 0 means off / the default.")
-        if self.preference_in_batch and self.packing is False:
-            raise ConfigError("train.preference_in_batch needs train.packing=true (rejected answers are packed "
-                              "branches of their conversation); set one or the other.")
         if self.log_every < 1 or self.keep_checkpoints < 1:
             raise ConfigError(f"train.log_every and train.keep_checkpoints must be >= 1 (got {self.log_every}, "
                               f"{self.keep_checkpoints}).")

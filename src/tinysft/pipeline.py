@@ -113,7 +113,7 @@ def run_demo(example_dir: Path, out_dir: Path, *, quick: bool = False,
     from tinysft.config import load_config
     from tinysft.data.stats import check_chat
     from tinysft.models.registry import DEFAULT_CAUSAL, ensure_embedded
-    from tinysft.train import TrainError, train
+    from tinysft.training import TrainError, train
 
     start = time.time()
     config_file = example_dir / ("config-quick.yaml" if quick else "config.yaml")
@@ -126,7 +126,10 @@ def run_demo(example_dir: Path, out_dir: Path, *, quick: bool = False,
     log("[1/4] Embedded model")
     ensure_embedded(DEFAULT_CAUSAL, log=log)
     log("[2/4] Checking the built-in data")
-    report = check_chat(cfg.data.train, model=cfg.model.name, max_length=cfg.data.max_length, log=log)
+    from tinysft.models.load import load_tokenizer, resolve_model_path
+
+    report = check_chat(cfg.data.train, tokenizer=lambda: load_tokenizer(resolve_model_path(cfg.model.name, log=log)),
+                        max_length=cfg.data.max_length)
     assert report.stats is not None
     log(f"      {report.stats.rows} conversations, {sum(report.token_lengths):,} tokens, "
         f"categories: {', '.join(f'{k} {v}' for k, v in report.stats.categories.most_common())}")

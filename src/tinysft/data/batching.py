@@ -300,23 +300,6 @@ def _root_tokens(positions: list[int]) -> list[int]:
     return [e - s for s, e in _runs(positions) if positions[s] == 0]
 
 
-def answer_start_weights(labels: torch.Tensor, first: int, weight: float) -> torch.Tensor:
-    """Per-position loss weights for ``labels`` (B, T): ``weight`` on the first ``first`` trained
-    tokens of each assistant answer, 1 on the other trained tokens, 0 where nothing is trained.
-
-    An answer is a run of trained positions; runs never join across turns or packed
-    conversations (template text, never trained, lies between them). The first tokens are where
-    a chat model decides what kind of answer to give ("I'm sorry, but..." or "Sure! ..."), one or
-    two tokens out of dozens, so a plain token mean gives that decision little say.
-    """
-    trained = labels != IGNORE
-    idx = torch.arange(labels.shape[-1], device=labels.device).expand_as(labels)
-    # Index of the last untrained position at or before each position (-1 if none).
-    last_gap = torch.where(trained, -1, idx).cummax(-1).values
-    start = trained & (idx - last_gap <= first)
-    return trained.float() + start.float() * (weight - 1.0)
-
-
 def _runs(positions: list[int]) -> list[tuple[int, int]]:
     """(start, end) of each conversation in a packed row: a new one wherever positions do not grow by 1."""
     starts = [0] + [i for i in range(1, len(positions)) if positions[i] != positions[i - 1] + 1]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tinysft.data.formats import Conversation, Message
-from tinysft.data.validate import Problem
+from tinysft.data.validate import DataError, Problem
 
 
 class RenderError(ValueError):
@@ -135,3 +135,17 @@ def show_mask(rendered: Rendered, tokenizer: Any) -> Any:
         piece = tokenizer.decode([tid])
         text.append(piece, style="bold black on green" if trained else "dim")
     return text
+
+
+def render_all(convs: list[Conversation], tokenizer: Any, max_length: int,
+               system_prompt: str | None = None) -> list[Rendered]:
+    """Render every conversation; all failures are collected into one DataError (file:line each)."""
+    out, problems = [], []
+    for c in convs:
+        try:
+            out.append(render(c, tokenizer, max_length, system_prompt))
+        except RenderError as e:
+            problems.append(render_problem(c, "messages", e))
+    if problems:
+        raise DataError(problems)
+    return out

@@ -32,9 +32,12 @@ class CheckReport:
     masks: list[Any] = field(default_factory=list)  # rich Texts for --show-mask
 
 
-def check_chat(files: list[str], *, model: str | None = "smollm2-135m-instruct", max_length: int = 512,
-               show_mask: int = 0, strict: bool = False, log: Callable[[str], None] = print) -> CheckReport:
-    """Validate chat files (raises DataError), then measure with the model's tokenizer if given.
+def check_chat(files: list[str], *, tokenizer: Callable[[], Any] | None = None, max_length: int = 512,
+               show_mask: int = 0, strict: bool = False) -> CheckReport:
+    """Validate chat files (raises DataError), then measure with the tokenizer if given.
+
+    ``tokenizer`` is a function that returns one (the caller loads it, data/ loads no model),
+    called only once the files are valid, so data errors come before any model download.
 
     Exact duplicate rows are reported in the stats; with ``strict`` they are errors.
     """
@@ -42,11 +45,9 @@ def check_chat(files: list[str], *, model: str | None = "smollm2-135m-instruct",
     report = CheckReport(files, conversation_stats(convs), max_length=max_length)
     if strict:
         _refuse_duplicates(report.stats)
-    if not model:
+    if tokenizer is None:
         return report
-    from tinysft.models.load import load_tokenizer, resolve_model_path
-
-    tokenizer = load_tokenizer(resolve_model_path(model, log=log))
+    tokenizer = tokenizer()
     problems = []
     for c in convs:
         try:

@@ -13,9 +13,10 @@ from typing import Any
 
 from tinysft.data.batching import make_batches
 from tinysft.data.formats import Conversation
+from tinysft.data.render import render_all
 from tinysft.evaluate.generate import adapter_state
 from tinysft.evaluate.metrics import perplexity
-from tinysft.train import evaluate_loss, render_all
+from tinysft.losses import evaluate_loss
 
 
 @dataclass

@@ -15,10 +15,9 @@ from typing import Any
 
 import torch
 
-# Positions per chunk: 128 x 49,152 logits = 25 MB fp32 + 13 MB bf16, reused for every chunk. One
-# forward + backward of 3 benchmark passes (3,319 trained positions), 6 alternating pairs on an AMD
-# EPYC: 32 rows 10,225 ms median, 128 rows 9,600 ms (6 of 6 faster; the head's matmuls with 32 rows
-# run well below the matmul peak); 256 rows tie with 128 at twice the buffers.
+# Positions per chunk: 128 x 49,152 logits = 25 MB fp32 + 13 MB bf16, reused for every chunk. Fewer
+# rows run the head's matmuls below the matmul peak; more tie at twice the buffers (the measurement
+# is in docs/benchmarks.md).
 CHUNK = 128
 
 # Config fields that change logits after the head's matmul (soft-capping, scaling); a model with
@@ -46,12 +45,11 @@ def plain_lm_head(model: Any) -> torch.nn.Linear | None:
 
 class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
-                row_weights: torch.Tensor | None) -> torch.Tensor:
-        # hidden (N, d), weight (V, d), targets (N,), row_weights (N,) or None -> summed loss (fp32 scalar).
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        # hidden (N, d), weight (V, d), targets (N,) -> summed loss (fp32 scalar).
         # Two (chunk, V) buffers, the matmul's dtype and fp32, are reused by every chunk, and each
-        # step works in place. Measured on a CPU: a fresh 256 x 49,152 tensor per chunk costs ~10x
-        # more in page faults and cache misses than the arithmetic on a reused buffer.
+        # step works in place: a fresh chunk x vocab tensor per chunk costs far more in page faults
+        # and cache misses than the arithmetic on a reused buffer.
         dev = hidden.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
         with torch.autocast(dev, enabled=False):
@@ -73,13 +71,10 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 probs = logits.sub_(top).exp_()  # unnormalised softmax, in place
                 z = probs.sum(1, keepdim=True)  # (c, 1)
                 row_loss = z.log() + top - target_logit  # (c, 1): logsumexp - target logit
-                rw = None if row_weights is None else row_weights[s : s + c, None].float()
-                total += (row_loss if rw is None else row_loss * rw).sum()
+                total += row_loss.sum()
                 if grad is not None:
                     probs.div_(z)
                     probs[torch.arange(c, device=t.device), t] -= 1.0  # d loss / d logits
-                    if rw is not None:
-                        probs.mul_(rw)
                     if not shared:
                         low[:c].copy_(probs)
                     torch.mm(low[:c], w, out=grad[s : s + c])
@@ -87,13 +82,12 @@ class _HeadCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None]:
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
         (grad,) = ctx.saved_tensors
-        return (None if grad is None else grad * grad_out.to(grad.dtype)), None, None, None, None
+        return (None if grad is None else grad * grad_out.to(grad.dtype)), None, None, None
 
 
-def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = CHUNK,
-                       row_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Sum over rows of cross-entropy(hidden @ weight.T, targets), each row times ``row_weights``
-    if given; hidden (N, d), targets (N,), row_weights (N,)."""
-    return _HeadCrossEntropy.apply(hidden, weight, targets, chunk, row_weights)
+def head_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                       chunk: int = CHUNK) -> torch.Tensor:
+    """Sum over rows of cross-entropy(hidden @ weight.T, targets); hidden (N, d), targets (N,)."""
+    return _HeadCrossEntropy.apply(hidden, weight, targets, chunk)

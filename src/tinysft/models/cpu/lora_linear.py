@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tinysft.models.lora_dropout import int_dtype_of, keep_bits
+from tinysft.models.cpu.lora_dropout import int_dtype_of, keep_bits
 
 
 class _LoraLinear(torch.autograd.Function):

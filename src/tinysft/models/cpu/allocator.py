@@ -1,13 +1,12 @@
-"""Run tinysft on tcmalloc where the system has it: ~25% faster CPU training, ~20% less memory.
+"""Run tinysft on tcmalloc where the system has it, and cap oneDNN's primitive cache.
 
 A CPU training step allocates and frees thousands of activation-sized tensors. glibc's malloc
 hands large blocks back to the kernel and takes fresh pages again for the next step, and on a
-virtual machine every such page fault is expensive: measured on the 2-core build machine
-(SmolLM2-135M, LoRA, bf16), ~820k minor page faults in 12 steps, 450 tokens/s with glibc against
-575 tokens/s and 20% lower peak RSS with tcmalloc (jemalloc: 505). The allocator can only be
-chosen when a process starts, so the ``tinysft`` command re-executes itself once with
-``LD_PRELOAD`` when it finds Debian's / Ubuntu's ``libtcmalloc-minimal4`` (``make install`` adds
-it where apt-get can run). ``TINYSFT_TCMALLOC=0`` turns this off.
+virtual machine every such page fault is expensive; tcmalloc keeps them (faster training, lower
+peak memory: docs/benchmarks.md). The allocator can only be chosen when a process starts, so the
+``tinysft`` command re-executes itself once with ``LD_PRELOAD`` when it finds Debian's / Ubuntu's
+``libtcmalloc-minimal4`` (``make install`` adds it where apt-get can run). ``TINYSFT_TCMALLOC=0``
+turns this off.
 """
 
 from __future__ import annotations
@@ -74,10 +73,9 @@ def cap_onednn_cache(capacity: int = ONEDNN_CACHE) -> None:
 
     torch's CPU matmuls go through oneDNN, which caches one compiled primitive (with its
     buffers) per matmul shape, up to 1,024. Packed training rows have a different length in
-    every pass, so each pass adds ~20 shapes and the cache grows for the whole run: measured on
-    SmolLM2-135M (1 epoch of the benchmark set, bf16, tcmalloc), live memory grew from 1.6 to
-    2.0 GB and peak RSS reached 2,640 MB; with 64 (or 16) cached primitives peak RSS is 2,250 MB
-    at the same speed (creating a primitive costs far less than the matmul it runs). oneDNN
-    reads the variable when it first creates a primitive, so call this before any CPU matmul.
+    every pass, so each pass adds ~20 shapes and the cache grows for the whole run; a small cache
+    keeps peak memory down at the same speed (creating a primitive costs far less than the matmul
+    it runs; docs/benchmarks.md). oneDNN reads the variable when it first creates a primitive, so
+    call this before any CPU matmul.
     """
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))

@@ -1,0 +1,186 @@
+"""Sequence classification with LoRA on an encoder: build the data, the model and the loss, then
+``loop.fit``.
+
+Run directory: the SFT layout (``training.checkpoints``) plus labels.json (label names in
+class-index order). The adapter is PEFT's SEQ_CLS format; the classification head rides along
+in modules_to_save, so ``PeftModel.from_pretrained(AutoModelForSequenceClassification
+.from_pretrained(base, num_labels=N), run/adapter)`` restores the tuned classifier.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from tinysft.config import RunConfig
+from tinysft.data.formats import LabeledText
+from tinysft.data.validate import DataError, Problem, load_labeled
+from tinysft.files import atomic_write_text
+from tinysft.models.encoder import (
+    EncodedBatch,
+    choose_target_modules,
+    class_logits,
+    classifier_model_name,
+    collate,
+    encode,
+    load_encoder,
+    max_length_for,
+)
+from tinysft.models.load import add_lora
+from tinysft.training.checkpoints import load_adapter_weights, resume_point, write_manifest
+from tinysft.training.loop import (
+    StepPlan,
+    Task,
+    TrainResult,
+    fit,
+    make_accelerator,
+    make_optimizer,
+    make_scheduler,
+    schedule_steps,
+)
+
+
+def infer_labels(rows: list[LabeledText]) -> list[str]:
+    """The label set of the training rows, sorted (a stable class-index order)."""
+    return sorted({r.label for r in rows})
+
+
+def split_rows(rows: list[LabeledText], fraction: float, seed: int) -> tuple[list[LabeledText], list[LabeledText]]:
+    """(train, eval): a seeded ``fraction`` of the rows held out, disjoint from the rest."""
+    idx = list(range(len(rows)))
+    random.Random(seed).shuffle(idx)
+    n_val = max(1, int(len(idx) * fraction))
+    return [rows[i] for i in idx[n_val:]], [rows[i] for i in idx[:n_val]]
+
+
+def load_data(cfg: RunConfig) -> tuple[list[LabeledText], list[LabeledText], list[str]]:
+    """(train rows, eval rows, labels); every problem is one DataError."""
+    if not cfg.data.train:
+        raise DataError([Problem("(config)", None, "data.train", "no training file given",
+                                 "pass --data FILE.jsonl with {\"text\", \"label\"} rows")])
+    train_rows = load_labeled(cfg.data.train, cfg.data.labels or None)
+    labels = list(cfg.data.labels) or infer_labels(train_rows)
+    if len(labels) < 2:
+        raise DataError([Problem(", ".join(cfg.data.train), None, "label",
+                                 f"only one label ({labels[0]!r}) in the training data",
+                                 "a classifier needs rows of at least two labels")])
+    eval_rows = load_labeled(cfg.data.eval, labels) if cfg.data.eval else []
+    if not eval_rows and cfg.data.val_fraction > 0 and len(train_rows) > 4:
+        train_rows, eval_rows = split_rows(train_rows, cfg.data.val_fraction, cfg.train.seed)
+    return train_rows, eval_rows, labels
+
+
+def train_classifier(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Callable[[str], None] = print,
+                     show_progress: bool = True, stop_after_steps: int | None = None) -> TrainResult:
+    """Fine-tune an encoder with LoRA + a trained classification head on text/label rows.
+
+    Resuming, refusing a finished or changed run, and ``stop_after_steps`` work as in
+    ``training.sft.train``: the same loop (``loop.fit``) and checkpoints.
+    """
+    run_dir = Path(run_dir)
+    cfg = copy.deepcopy(cfg)  # resolved below (model, labels, targets) and saved with the run
+    cfg.model.name = classifier_model_name(cfg.model.name)
+    accelerator = make_accelerator(cfg)
+    device, is_main = accelerator.device, accelerator.is_main_process
+    say = log if is_main else (lambda _msg: None)
+    world, rank = accelerator.num_processes, accelerator.process_index
+
+    # ---- data -------------------------------------------------------------------------------------
+    train_rows, eval_rows, labels = load_data(cfg)
+    cfg.data.labels = labels
+    label_index = {label: i for i, label in enumerate(labels)}
+
+    # ---- run directory and model --------------------------------------------------------------------
+    random.seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # also fixes the untrained head = the "base" of the report
+    base, tokenizer, model_path, head = load_encoder(cfg.model, labels, device, log=say)
+    if cfg.train.gradient_checkpointing and getattr(base, "supports_gradient_checkpointing", False):
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
+    cfg.lora.target_modules = choose_target_modules(base, cfg.lora.target_modules)
+    # The resolved config (targets, labels) is what a continued run is compared with.
+    existing = resume_point(run_dir, cfg, world, log=say)
+    if resume and existing is None:
+        say(f"Nothing to resume in {run_dir} (no checkpoint yet): starting from step 0.")
+    accelerator.wait_for_everyone()
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    # PEFT's SEQ_CLS task already trains and saves modules named classifier / score; add the others.
+    model = add_lora(base, cfg.lora, task_type="SEQ_CLS",
+                     modules_to_save=[h for h in head if h not in ("classifier", "score")] or None)
+    saved = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if type(m).__name__ == "ModulesToSaveWrapper"})
+    max_length = max_length_for(cfg, base)
+    train_ids, truncated = encode(tokenizer, [r.text for r in train_rows], max_length)
+    train_targets = [label_index[r.label] for r in train_rows]
+    eval_texts, eval_targets = [r.text for r in eval_rows], torch.tensor([label_index[r.label] for r in eval_rows])
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    say(f"{cfg.model.name}: classifying into {len(labels)} labels ({', '.join(labels)}): {len(train_rows)} training rows, "
+        f"{len(eval_rows)} eval rows; LoRA on {cfg.lora.target_modules}, trained head: {', '.join(saved)}; "
+        f"{n_trainable:,} trainable parameters.")
+    if truncated:
+        say(f"{truncated} training rows are longer than {max_length} tokens and were truncated.")
+    if is_main:
+        cfg.save(run_dir / "config.yaml")
+        atomic_write_text(run_dir / "labels.json", json.dumps(labels, indent=2, ensure_ascii=False))
+        write_manifest(run_dir, cfg, model_path, {"train_rows": len(train_rows), "eval_rows": len(eval_rows),
+                                                  "labels": labels, "head_modules": saved})
+
+    # ---- batches and schedule -------------------------------------------------------------------------
+    bs = cfg.train.batch_size
+
+    def epoch_batches(epoch: int) -> list[EncodedBatch]:
+        """Shuffled with a per-epoch seed, so a resumed run sees the same order; sharded across ranks."""
+        order = list(range(len(train_ids)))
+        random.Random(cfg.train.seed + epoch).shuffle(order)
+        batches = [collate([train_ids[i] for i in order[s : s + bs]], [train_targets[i] for i in order[s : s + bs]],
+                           tokenizer.pad_token_id) for s in range(0, len(order), bs)]
+        n = (len(batches) // world) * world or len(batches)
+        return batches[rank:n:world]
+
+    steps_per_epoch, total_steps = schedule_steps(len(epoch_batches(0)), cfg.train)
+    if existing is not None:
+        load_adapter_weights(model, existing)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(trainable, cfg.train.learning_rate, cfg.train.weight_decay, accelerator.distributed_type)
+    scheduler = make_scheduler(cfg.train, optimizer, total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+
+    # ---- the step: the mean cross-entropy over the step's rows ------------------------------------------
+    rows_seen = {"n": 0}
+
+    def plan_step(group: list[EncodedBatch], step: int) -> StepPlan:
+        n_rows = sum(len(b.labels) for b in group)
+
+        def batch_pass(b: EncodedBatch):
+            def run() -> tuple[torch.Tensor, torch.Tensor]:
+                b_dev = b.to(device)
+                logits = model(input_ids=b_dev.input_ids, attention_mask=b_dev.attention_mask).logits.float()
+                loss_sum = F.cross_entropy(logits, b_dev.labels, reduction="sum")
+                return loss_sum / n_rows, loss_sum
+            return run
+
+        rows_seen["n"] += n_rows
+        return StepPlan([batch_pass(b) for b in group], count=n_rows,
+                        tokens=sum(int(b.attention_mask.sum()) for b in group),
+                        passed_tokens=sum(b.input_ids.numel() for b in group))
+
+    def log_extras(elapsed: float) -> dict[str, float]:
+        return {"rows_per_s": round(rows_seen["n"] * world / max(elapsed, 1e-9), 1)}
+
+    def evaluate() -> dict[str, float]:
+        logits = class_logits(unwrapped, tokenizer, eval_texts, max_length=max_length, batch_size=max(bs, 32),
+                              device=device)
+        return {"eval_loss": float(F.cross_entropy(logits, eval_targets)),
+                "eval_accuracy": float((logits.argmax(-1) == eval_targets).float().mean())}
+
+    task = Task(epoch_batches, plan_step, evaluate if eval_texts else None, log_extras)
+    return fit(task, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, cfg=cfg.train,
+               run_dir=run_dir, steps_per_epoch=steps_per_epoch, total_steps=total_steps, resume_from=existing,
+               log=log, show_progress=show_progress, stop_after_steps=stop_after_steps)
