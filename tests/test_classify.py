@@ -32,32 +32,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="session")
-def encoder_dir() -> Path:
-    from tinysft.models.registry import ensure_embedded
-
-    return ensure_embedded("all-minilm-l6-v2")
-
-
-@pytest.fixture(scope="session")
-def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory, encoder_dir: Path) -> Path:
-    """A random 2-layer BERT (hidden 32) saved as a plain encoder folder, with MiniLM's tokenizer.
-
-    Wider init (0.1) and no dropout: at BERT's 0.02 a random model's [CLS] barely varies with the
-    input, and a few dozen LoRA steps cannot fit even 40 rows."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    tokenizer = AutoTokenizer.from_pretrained(str(encoder_dir))
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=128, initializer_range=0.1,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    path = tmp_path_factory.mktemp("tiny-bert")
-    BertModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def tiny_config(model: Path, train: list[str], **train_overrides):
     from tinysft.config import load_config
 
