@@ -95,11 +95,13 @@ async function streamAnswer(side, messages, opts, box, sentAt, timing, col) {
           }
           text += delta;
           box.textContent = text;
+          box.dataset.deltas = String(Number(box.dataset.deltas || 0) + 1);
         }
       }
     }
   }
   box.classList.remove("streaming");
+  box.dataset.doneMs = (performance.now() - sentAt).toFixed(0);
   box.dataset.done = "1";
   return text;
 }
@@ -296,6 +298,7 @@ function drawLoss(history) {
   series.forEach((s, i) => {
     if (!s.pts.length) return;
     add("polyline", { points: s.pts.map(([x, y]) => `${sx(x)},${sy(y)}`).join(" "), class: `curve c${i}` });
+    if (s.pts.length < 60) for (const [x, y] of s.pts) add("circle", { cx: sx(x), cy: sy(y), r: 3, class: `dot c${i}` });
     add("text", { x: W - R - 60 * (2 - i), y: T + 12, class: `legend c${i}` }, s.name);
   });
 }
