@@ -302,3 +302,19 @@ def test_cross_site_writes_and_foreign_hosts_are_refused(runs, tmp_path: Path) -
     with TestClient(app, base_url="http://127.0.0.1:8000") as c:
         assert c.get("/ui/api/config").status_code == 200
         assert c.get("/ui/api/config", headers={"Host": "attacker.example:8000"}).status_code == 403
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["ui"], "Missing argument"),
+    (["ui", "a", "b", "c"], "one run (base vs tuned) or two"),
+    (["ui", "no-such-run"], "not a tinysft run directory"),
+    (["ui", ".", "--api-key", ""], "--api-key is empty"),
+    (["ui", ".", "--port", "0"], "--port"),
+    (["votes", "export", "."], "--out"),
+])
+def test_cli_ui_refuses_bad_arguments_cleanly(args: list[str], message: str) -> None:
+    from tinysft.cli import app
+
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code in (1, 2) and message in result.output, result.output
+    assert "Traceback" not in result.output
