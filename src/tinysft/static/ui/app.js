@@ -40,6 +40,8 @@ function newConversation() {
     const column = $(`#col-${col}`);
     column.querySelector(".turns").replaceChildren();
     column.querySelector(".side-label").textContent = blind() ? col : state.config.sides[state.shown[col]].label;
+    column.classList.toggle("side-reference", !blind() && state.shown[col] === "reference");
+    column.classList.toggle("side-candidate", !blind() && state.shown[col] === "candidate");
   }
   $("#vote").hidden = true;
   $("#vote-status").textContent = "";
