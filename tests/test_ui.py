@@ -318,3 +318,13 @@ def test_cli_ui_refuses_bad_arguments_cleanly(args: list[str], message: str) -> 
     result = CliRunner().invoke(app, args)
     assert result.exit_code in (1, 2) and message in result.output, result.output
     assert "Traceback" not in result.output
+
+
+def test_tally_counts_only_the_pair_on_screen(client, tmp_path: Path) -> None:
+    # A vote of another comparison (say, run A vs run B) in the same file is not this pair's.
+    other = {"time": "2026-01-01T00:00:00Z", "models": {"reference": "v1 @ v1", "candidate": "v2 @ v2"},
+             "winner": "candidate", "pick": "A"}
+    (tmp_path / "votes.jsonl").write_text(json.dumps(other) + "\n")
+    assert client.post("/ui/api/votes", json=vote_body("B")).json()["tally"]["votes"] == 1
+    t = client.get("/ui/api/votes").json()
+    assert (t["wins"], t["losses"]) == (0, 1)

@@ -216,7 +216,8 @@ def create_ui_app(loaded_a: Any, loaded_b: Any, *, pair: Literal["base-tuned", "
         sides = {"reference": Side(f"run A ({name_a})", "", name_a, str(run_a)),
                  "candidate": Side(f"run B ({name_b})", "/b", name_b, str(run_b))}
         runs = [run_a, run_b]
-    models = {k: f"{s.model} @ {s.run}" for k, s in sides.items()}  # a vote's pair, as the tally matches it
+    # A vote's pair, as the tally matches it: model id @ run folder name (stable if the folder moves).
+    models = {k: f"{s.model} @ {Path(s.run).name}" for k, s in sides.items()}
 
     if app_b is not None:
         app.mount("/b", app_b)

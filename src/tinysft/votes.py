@@ -2,7 +2,7 @@
 
 The votes file is ``RUN/votes.jsonl``, append-only, one JSON object per vote:
 
-    {"time": "2026-12-07T04:10:00Z", "models": {"reference": "base", "candidate": "polite"},
+    {"time": "2026-12-07T04:10:00Z", "models": {"reference": "base @ polite", "candidate": "polite @ polite"},
      "history": {"reference": [messages...], "candidate": [messages...]},   # what each side was asked
      "answers": {"reference": "...", "candidate": "..."}, "shown": {"A": "candidate", "B": "reference"},
      "pick": "A" | "B" | "tie" | "both_bad", "winner": "candidate" | "reference" | "tie" | "both_bad",
