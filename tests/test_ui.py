@@ -186,7 +186,8 @@ def test_bad_votes_get_400_and_nothing_is_written(client, tmp_path: Path, body: 
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
 
 
-def test_export_writes_rows_that_data_check_accepts(client, tmp_path: Path, tiny_run: Path) -> None:
+def test_export_writes_rows_that_data_check_and_train_accept(client, tmp_path: Path, tiny_run: Path,
+                                                            tiny_model_dir: Path) -> None:
     from tinysft.cli import app
 
     client.post("/ui/api/votes", json=vote_body("A"))  # candidate preferred
@@ -207,6 +208,13 @@ def test_export_writes_rows_that_data_check_accepts(client, tmp_path: Path, tiny
     assert out.read_text() == r.text
     result = runner.invoke(app, ["data", "check", str(out)])
     assert result.exit_code == 0, result.output
+    # ...and `train` learns from them with its preference term (the rejected answers are used).
+    trained = tmp_path / "from-votes"
+    result = runner.invoke(app, ["train", "--model", str(tiny_model_dir), "--data", str(out), "--out", str(trained),
+                                 "--set", "train.preference_weight=0.1", "--set", "train.epochs=1",
+                                 "--set", "train.batch_size=2", "--set", "lora.r=4", "--set", "data.max_length=64"])
+    assert result.exit_code == 0, result.output
+    assert (trained / "adapter" / "adapter_config.json").is_file()
     # Never overwritten; no votes / no run: a clean error, exit 1.
     before = out.read_text()
     result = runner.invoke(app, ["votes", "export", str(tmp_path), "--out", str(out)])
