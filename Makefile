@@ -18,6 +18,9 @@ $(BIN)/tinysft: pyproject.toml
 	-$(BIN)/python -c "import sys; from tinysft.models.cpu.allocator import tcmalloc_path; sys.exit(tcmalloc_path() is None)" \
 		|| { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && { apt-get install -y -q --no-install-recommends libtcmalloc-minimal4 \
 		|| { apt-get update -q && apt-get install -y -q --no-install-recommends libtcmalloc-minimal4; }; } >/dev/null 2>&1; } || true
+	# Chromium for the browser tests (playwright drives the distribution's build; its own download needs a CDN).
+	-command -v chromium >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && { apt-get install -y -q --no-install-recommends chromium \
+		|| { apt-get update -q && apt-get install -y -q --no-install-recommends chromium; }; } >/dev/null 2>&1; } || true
 	touch $(BIN)/tinysft
 
 install: $(BIN)/tinysft

@@ -171,9 +171,9 @@ def test_concurrent_requests_are_not_interleaved(client) -> None:
 
 
 def test_malformed_requests_get_4xx_with_a_message(client, server: str) -> None:
-    with pytest.raises(openai.UnprocessableEntityError, match="role"):
+    with pytest.raises(openai.BadRequestError, match="role"):
         client.chat.completions.create(model="polite", messages=[{"role": "wizard", "content": "hi"}])
-    with pytest.raises(openai.UnprocessableEntityError, match="temperature"):
+    with pytest.raises(openai.BadRequestError, match="temperature"):
         client.chat.completions.create(model="polite", messages=HI, temperature=5)
     with pytest.raises(openai.NotFoundError, match="available: base, polite"):
         client.chat.completions.create(model="gpt-4", messages=HI)
@@ -184,6 +184,45 @@ def test_malformed_requests_get_4xx_with_a_message(client, server: str) -> None:
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     status, body = post(f"{server}/chat/completions", b"{not json", headers)
     assert status == 400 and "not valid JSON" in body["error"]["message"]
+
+
+# Every numeric request field: (field, values at its limits that must work, values just past them).
+# The server fixture allows max_tokens up to 64.
+NUMERIC_LIMITS = [
+    ("temperature", [0, 0.0, 1e-300, 5e-324, 2], [-1e-9, 2.000001, float("nan"), float("inf"), float("-inf")]),
+    ("top_p", [5e-324, 1e-300, 1], [0, -1e-9, 1.000001, float("nan")]),
+    ("seed", [-(2**63), 0, 2**64 - 1], [-(2**63) - 1, 2**64]),
+    ("max_tokens", [1, 64], [0, -1, 65, 10**30]),
+    ("max_completion_tokens", [1, 64], [0, 65]),
+    ("n", [1], [0, 2]),
+]
+
+
+@pytest.mark.parametrize(("field", "ok", "bad"), NUMERIC_LIMITS, ids=[f for f, _, _ in NUMERIC_LIMITS])
+def test_numeric_fields_at_their_limits_work_and_just_past_get_400(server: str, field: str, ok: list, bad: list) -> None:
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    url = f"{server}/chat/completions"
+    for stream in (False, True):
+        for value in ok:
+            body = {"model": "polite", "messages": HI, "max_tokens": 3, "stream": stream, field: value}
+            req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+            with urllib.request.urlopen(req, timeout=60) as r:  # raises on any 4xx / 5xx
+                text = r.read().decode()
+            assert r.status == 200, (field, value)
+            assert ("[DONE]" in text) if stream else json.loads(text)["choices"][0]["finish_reason"] in ("stop", "length")
+    for value in bad:
+        # json.dumps writes NaN / Infinity as bare literals, which the server's JSON parser accepts.
+        status, body = post(url, json.dumps({"model": "polite", "messages": HI, field: value}).encode(), headers)
+        assert status == 400, (field, value, body)
+        assert body["error"]["param"] == field and field in body["error"]["message"], (field, value, body)
+
+
+def test_a_vanishing_temperature_is_greedy(client) -> None:
+    greedy = ask(client, "base", temperature=0, max_tokens=16)
+    for t in (1e-300, 5e-324, 1e-6):
+        assert ask(client, "base", temperature=t, max_tokens=16, seed=1) == greedy
+        assert ask(client, "base", stream=True, temperature=t, max_tokens=16, seed=1) == greedy
+        assert ask(client, "base", temperature=1.0, top_p=t, max_tokens=16, seed=1) == greedy
 
 
 def test_bodies_over_1mb_get_413(server: str) -> None:

@@ -45,9 +45,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from tinysft.data.validate import DataError
     from tinysft.models.registry import ModelError
     from tinysft.training import TrainError
+    from tinysft.votes import VotesError
 
     return (ConfigError, DataError, RenderError, RowProblem, ModelError, TrainError, FileNotFoundError,
-            PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+            PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError, VotesError)
 
 
 def clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -455,6 +456,52 @@ def serve(
 
     limits = ServeLimits(max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens)
     run_server(run_dir, host=host, port=port, api_key=api_key, model_name=name, limits=limits, log=_log)
+
+
+@app.command()
+@clean_errors
+def ui(
+    run_dirs: Annotated[list[Path], typer.Argument(help="One run (base vs tuned) or two (run A vs run B)")],
+    host: Annotated[str, typer.Option(help="Address to bind; other than loopback exposes the page")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port")] = 8000,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="TINYSFT_API_KEY",
+                                                help="Require this key for the page and the API (or set TINYSFT_API_KEY)")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for")] = 1024,
+    one_copy: Annotated[bool, typer.Option("--one-copy", help="Load one run once: half the memory, the two "
+                                           "answers then stream one after the other")] = False,
+) -> None:
+    """Web page: the two models' answers side by side, streamed; blind votes; the report.
+
+    Example: tinysft ui runs/demo   (then open http://127.0.0.1:8000/ui/)
+    """
+    from tinysft.serve import ServeLimits
+    from tinysft.ui import serve_ui
+
+    serve_ui(run_dirs, host=host, port=port, api_key=api_key, limits=ServeLimits(max_tokens=max_tokens),
+             one_copy=one_copy, log=_log)
+
+
+votes_app = typer.Typer(no_args_is_help=True, help="Votes from the web page (`tinysft ui`).")
+app.add_typer(votes_app, name="votes")
+
+
+@votes_app.command("export")
+@clean_errors
+def votes_export(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder whose votes.jsonl to read")],
+    out: Annotated[Path, typer.Option(help="JSONL file to write (must not exist)")],
+) -> None:
+    """Write the decided blind votes as training rows: the preferred answer as the assistant turn,
+    the other as `rejected`.
+
+    Example: tinysft votes export runs/demo --out votes.jsonl   (then: tinysft train --data votes.jsonl
+    --set train.preference_weight=0.1)
+    """
+    from tinysft.votes import export_votes
+
+    rows, skipped = export_votes(run_dir, out)
+    out_note = f" ({skipped} skipped: equal or blank answers)" if skipped else ""
+    _log(f"Wrote {rows} training rows to {out}{out_note}.")
 
 
 def main() -> None:

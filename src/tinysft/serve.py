@@ -79,10 +79,25 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatRequest(BaseModel):
-    """The subset of OpenAI's chat completion request that tinysft honours; unknown fields are ignored."""
+GREEDY_BELOW = 1e-5
+"""A ``temperature`` or ``top_p`` below this is treated as greedy decoding. Sampling at such a
+temperature picks the top token anyway unless two logits lie within ~1e-4 of each other, and
+dividing logits by a temperature near the smallest float (JSON allows 1e-300) overflows to inf and
+NaN probabilities. A ``top_p`` that small keeps only the top token (whose probability is at least
+1/vocabulary size), and rounds to 0 in float32 (5e-324 does), which would keep none."""
 
-    model_config = ConfigDict(extra="ignore")
+
+class ChatRequest(BaseModel):
+    """The subset of OpenAI's chat completion request that tinysft honours; unknown fields are ignored.
+
+    Numeric ranges (inclusive unless marked; outside them: 400 naming the field; NaN and infinity
+    are refused): ``max_tokens`` / ``max_completion_tokens`` 1 to the server's limit
+    (``ServeLimits.max_tokens``, checked in the handler); ``temperature`` 0 to 2 (below
+    ``GREEDY_BELOW``: greedy); ``top_p`` above 0 to 1; ``seed`` -2**63 to 2**64-1 (torch's
+    generator range); ``n`` 1.
+    """
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
@@ -290,7 +305,8 @@ def _validation_message(exc: Any) -> tuple[int, str, str | None]:
         loc = [str(x) for x in e.get("loc", ()) if x != "body"]
         param = param or (".".join(loc) or None)
         parts.append(f"{'.'.join(loc) or 'body'}: {e.get('msg', 'invalid')}")
-    return 422, "Invalid request — " + "; ".join(parts), param
+    # 400, as OpenAI's API answers a parameter out of range (not FastAPI's default 422).
+    return 400, "Invalid request — " + "; ".join(parts), param
 
 
 def create_app(loaded: LoadedRun, *, api_key: str | None = None, model_name: str | None = None,
@@ -371,7 +387,9 @@ def create_app(loaded: LoadedRun, *, api_key: str | None = None, model_name: str
             raise StarletteHTTPException(404, f"The model '{req.model}' does not exist; available: {', '.join(models)}.")
         max_tokens = req.max_completion_tokens or req.max_tokens or limits.default_max_tokens
         if max_tokens > limits.max_tokens:
-            raise StarletteHTTPException(400, f"max_tokens is {max_tokens}; this server allows at most {limits.max_tokens}.")
+            field_name = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+            return _error(400, f"{field_name} is {max_tokens}; this server allows at most {limits.max_tokens}.",
+                          param=field_name)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         try:
             prompt = generator.encode(messages, system_prompt)
@@ -384,8 +402,12 @@ def create_app(loaded: LoadedRun, *, api_key: str | None = None, model_name: str
         if context and len(prompt) + max_tokens > context:
             raise StarletteHTTPException(400, f"The prompt ({len(prompt)} tokens) plus max_tokens ({max_tokens}) "
                                               f"exceeds the model's context of {context} tokens.")
-        job = Job(prompt, models[req.model], max_tokens, 1.0 if req.temperature is None else req.temperature,
-                  1.0 if req.top_p is None else req.top_p, req.stop or [], req.seed)  # type: ignore[arg-type]
+        temperature = 1.0 if req.temperature is None else req.temperature
+        top_p = 1.0 if req.top_p is None else req.top_p
+        if temperature < GREEDY_BELOW or top_p < GREEDY_BELOW:  # see GREEDY_BELOW
+            temperature = 0.0
+        job = Job(prompt, models[req.model], max_tokens, temperature,
+                  top_p, req.stop or [], req.seed)  # type: ignore[arg-type]
         if not generator.try_reserve():
             raise StarletteHTTPException(503, f"The server is busy ({limits.max_queue} requests queued); retry shortly.")
         rid, now = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
