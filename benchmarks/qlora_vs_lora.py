@@ -43,20 +43,20 @@ def one_run(quantize: str, ckpt: bool, steps: int, data: str, batch_size: int) -
     """Runs in the child process: train `steps` steps, report times and peaks."""
     import torch
 
-    import tinysft.train as train_module
+    import tinysft.training.sft as train_module
     from tinysft.config import load_config, parse_overrides
     from tinysft.training import train
 
     # CPU time is less disturbed than wall time by other work on a shared machine: note the
     # process time at each loss call (one per step here: no accumulation).
     cpu_at_call: list[float] = []
-    loss_fn = train_module.causal_lm_loss
+    loss_fn = train_module.lm_and_pair_loss
 
-    def timed_loss(model, batch):
+    def timed_loss(*args, **kwargs):
         cpu_at_call.append(time.process_time())
-        return loss_fn(model, batch)
+        return loss_fn(*args, **kwargs)
 
-    train_module.causal_lm_loss = timed_loss
+    train_module.lm_and_pair_loss = timed_loss
     cfg = load_config(None, parse_overrides(overrides(quantize, ckpt, steps, data, batch_size)))
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
