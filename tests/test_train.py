@@ -22,7 +22,18 @@ def tiny_cfg(model_dir: Path, data: Path, *extra: str):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_model_dir, tokenizer):
+def base_before(tiny_model_dir) -> tuple[str, dict[str, torch.Tensor]]:
+    """The base folder's weights file, hashed and read before any training in this module."""
+    import hashlib
+
+    from safetensors.torch import load_file
+
+    path = tiny_model_dir / "model.safetensors"
+    return hashlib.sha256(path.read_bytes()).hexdigest(), load_file(str(path))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_model_dir, tokenizer, base_before):
     from conftest import CHAT_ROWS, write_jsonl
 
     tmp = tmp_path_factory.mktemp("run")
@@ -50,22 +61,26 @@ def test_loss_goes_down(tiny_run) -> None:
     assert losses[-1] < losses[0] - 0.3, losses
 
 
-def test_base_weights_unchanged_and_lora_weights_changed(tiny_run, tiny_model_dir) -> None:
+def test_base_weights_unchanged_and_lora_weights_changed(tiny_run, tiny_model_dir, base_before) -> None:
+    import hashlib
+
     from safetensors.torch import load_file
 
     run, _, _ = tiny_run
-    base_before = load_file(str(tiny_model_dir / "model.safetensors"))
+    digest, weights_before = base_before  # read before training
+    assert hashlib.sha256((tiny_model_dir / "model.safetensors").read_bytes()).hexdigest() == digest, \
+        "training wrote to the base model's folder"
     adapter = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     lora_b = [v for k, v in adapter.items() if "lora_B" in k]
     assert lora_b and all(v.abs().sum() > 0 for v in lora_b), "lora_B starts at zero and must have been trained"
     assert not any("lora" not in k for k in adapter), "only adapter weights are saved"
-    # The base folder is never written to, and a freshly loaded run has the same base weights.
+    # A freshly loaded run holds the base weights as they were before training.
     from tinysft.models.load import load_run
 
     loaded = load_run(run, log=lambda m: None)
     base_now = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
                 for k, v in loaded.model.state_dict().items() if "lora" not in k}
-    for k, v in base_before.items():
+    for k, v in weights_before.items():
         # Compared in the dtype the run loads (bf16 where bf16 is fast): rounding the saved fp32
         # weights must give exactly what the run holds.
         assert torch.equal(base_now[k], v.to(base_now[k].dtype)), k
@@ -105,12 +120,22 @@ def test_refuses_to_overwrite_a_finished_run(tiny_run) -> None:
         train(cfg, run, show_progress=False, log=lambda m: None)
 
 
-def test_eval_split_and_eval_loss(tmp_path, tiny_model_dir) -> None:
+def test_eval_split_is_disjoint_and_sized_and_gives_an_eval_loss(tmp_path, tiny_model_dir) -> None:
+    """data.val_fraction holds out that share of the rows, none of them trained on."""
     from conftest import CHAT_ROWS, write_jsonl
+    from tinysft.data.validate import load_conversations
+    from tinysft.training.sft import split_for_eval
 
-    data = write_jsonl(tmp_path / "d.jsonl", CHAT_ROWS * 2)
-    cfg = tiny_cfg(tiny_model_dir, data, "data.val_fraction=0.25", "train.epochs=1")
+    data = write_jsonl(tmp_path / "d.jsonl", CHAT_ROWS)  # 10 distinct conversations
+    convs = load_conversations([str(data)])
+    kept, held = split_for_eval(convs, 0.3, seed=42)
+    assert (len(kept), len(held)) == (7, 3)
+    assert not {c.source for c in kept} & {c.source for c in held}
+    assert {c.source for c in kept} | {c.source for c in held} == {c.source for c in convs}
+    cfg = tiny_cfg(tiny_model_dir, data, "data.val_fraction=0.3", "train.epochs=1")
     result = train(cfg, tmp_path / "run", show_progress=False, log=lambda m: None)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert (manifest["train_rows"], manifest["eval_rows"]) == (7, 3)
     assert result.eval_loss is not None and result.eval_loss > 0
     assert any("eval_loss" in h for h in result.history)
 
@@ -130,7 +155,9 @@ def test_runs_with_different_precisions_in_one_process(tmp_path, tiny_model_dir,
 
 
 def test_lora_inputs_stay_in_bf16_under_autocast(tiny_model_dir) -> None:
-    """Without the cast, the adapters give the same output under autocast (they compute in bf16 anyway)."""
+    """With the switch, every LoRA branch receives its input in bf16 under autocast (no fp32 copy);
+    without it PEFT casts the input to the adapter's fp32. The output is the same either way
+    (autocast computes the adapters in bf16 anyway)."""
     from tinysft.config import LoraConfig, ModelConfig
     from tinysft.models.load import add_lora, keep_lora_inputs_in_compute_dtype, load_causal_lm
 
@@ -139,11 +166,18 @@ def test_lora_inputs_stay_in_bf16_under_autocast(tiny_model_dir) -> None:
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.02)  # a non-zero adapter, so its path counts
+    seen: list[torch.dtype] = []
+    hooks = [m.register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype))
+             for n, m in model.named_modules() if n.endswith("lora_A.default")]
+    assert len(hooks) == 14  # 7 linear layers x 2 decoder layers
     ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         before = model(input_ids=ids).logits.float()
-        assert keep_lora_inputs_in_compute_dtype(model) == 14  # 7 linear layers x 2 decoder layers
+        assert set(seen) == {torch.float32} and len(seen) == 14, seen  # PEFT's cast to the adapter's dtype
+        seen.clear()
+        assert keep_lora_inputs_in_compute_dtype(model) == 14
         after = model(input_ids=ids).logits.float()
+        assert set(seen) == {torch.bfloat16} and len(seen) == 14, seen
     torch.testing.assert_close(after, before, atol=2e-2, rtol=2e-2)
 
 
