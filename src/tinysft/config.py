@@ -130,8 +130,8 @@ class TrainConfig:
     packing: bool | Literal["auto"] = "auto"
     """Pack several conversations per row (attention stays within each conversation). auto = packed on a
     CPU; padded batches on a GPU, where tinysft's
-    per-conversation attention (one kernel call per conversation and layer) measured ~4x slower than
-    padding (H200: 1,254 vs 5,063 tokens/s; docs/benchmarks.md)."""
+    per-conversation attention (one kernel call per conversation and layer) is slower than padding
+    (docs/benchmarks.md)."""
     share_prefixes: bool = True
     """In a packed pass, the opening tokens that a conversation shares with another (the chat
     template's system prompt, say) are computed once, as with a prompt cache: the same losses and

@@ -59,13 +59,12 @@ class _ShortAttention(torch.autograd.Function):
     Query i reads keys 0 .. prefix + i: prefix = 0 is plain causal attention; a branch reads its
     conversation's first `prefix` tokens too (``data.batching.pack``).
 
-    Why: torch's CPU flash kernel spends its backward in many tiny block GEMMs (measured on
-    SmolLM2-135M's 9 x 64 heads, bf16: backward ~3.5 ms against ~0.3 ms forward at 160 tokens,
-    rising with the length). Here the whole segment is 2 batched matmuls forward and 4 backward,
+    Why: torch's CPU flash kernel spends its backward in many tiny block GEMMs, about ten times its
+    forward at these lengths (docs/benchmarks.md). Here the whole segment is 2 batched matmuls forward and 4 backward,
     one per key head group: scores in fp32 (as flash accumulates them), products in the input
     dtype. It keeps the (H, n, prefix + n) probabilities, which is why it is for short segments
-    only where flash is the alternative (SHORT_ATTENTION_MAX; on Sapphire Rapids the two kernels
-    tied at 260-330 tokens, on an AMD EPYC this was 1.2-1.7x faster up to 512, docs/benchmarks.md).
+    only where flash is the alternative (SHORT_ATTENTION_MAX, set where the two kernels tied on the
+    CPUs measured in docs/benchmarks.md).
     """
 
     @staticmethod
@@ -108,18 +107,17 @@ def _segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     On a CPU, when a backward follows: _ShortAttention for short segments, and for segments with
     branches and branches at any length (SHORT_ATTENTION_MAX). Otherwise torch's SDPA:
     with ``flash`` (a segment without branches) torch picks the kernel, on a CPU the flash kernel,
-    which keeps only its output and log-sum-exp for backward (measured, 1 epoch of the benchmark set, bf16 on AMX: 4%
-    faster and 100 MB less peak RSS than the math kernel, which saves fp32 copies of q/k/v and of
-    the attention weights). Conversations with branches, and branches, that do not take
+    which keeps only its output and log-sum-exp for backward (faster and smaller than the math
+    kernel, which saves fp32 copies of q/k/v and of the attention weights). Conversations with branches, and branches, that do not take
     _ShortAttention (a GPU, attention dropout, no backward) go to the math kernel: the CPU flash
-    kernel's backward took ~3 ms per call on them against ~1 ms on others (15 steps of the demo
-    recipe; cause not found), and a branch needs a mask, which flash takes none of.
+    kernel's backward was several times slower on them than on others (cause not found;
+    docs/benchmarks.md), and a branch needs a mask, which flash takes none of.
     """
     n = q.shape[2]
     gqa = q.shape[1] != k.shape[1]
     # The length bound applies only where the alternative is flash, which keeps no probabilities.
     short = SHORT_ATTENTION_MAX > 0 and (not flash or n * (prefix + n) <= SHORT_ATTENTION_MAX**2)
-    # Only where a backward follows: forward alone, flash is ~4x faster (160 tokens: 0.17 vs 0.64 ms).
+    # Only where a backward follows: for a forward alone, flash is faster.
     backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if q.device.type == "cpu" and backward and dropout == 0.0 and short and q.shape[1] % k.shape[1] == 0:
         # One dtype for the three, the one SDPA would take under autocast: with fp32 base weights and

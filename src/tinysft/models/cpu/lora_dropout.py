@@ -2,13 +2,12 @@
 
 PEFT applies ``nn.Dropout`` to the input of every adapted layer (4 per decoder layer for
 q/k/v/o). On a CPU, ``nn.Dropout`` draws one 32-bit random number per element through a scalar
-Bernoulli sampler: measured here ~14 ms for a 1,500 x 576 activation, as long as the 576 x 576
-matmul it feeds, and ~10-15% of a whole SmolLM2 training step. This module draws 64 random
+Bernoulli sampler, which takes about as long as the matmul it feeds (docs/benchmarks.md). This module draws 64 random
 bits at a time and cuts them into four 16-bit uniforms, one per element, so the same masks cost
 a quarter of the generator calls and no per-element float sampling.
 
 The masks are still independent Bernoulli draws, reproducible with ``torch.manual_seed``: on a
-CPU the bits come from NumPy's PCG64 (``random_raw``, ~1.6x faster than torch's mt19937 here),
+CPU the bits come from NumPy's PCG64 (``random_raw``, faster than torch's mt19937 on the CPUs measured),
 seeded by one draw from torch's generator, so torch's seed, its saved RNG state (resume) and
 gradient checkpointing's RNG replay fix them; elsewhere from torch's generator directly. The keep
 probability is rounded to a multiple of 1/65536 (p=0.1 keeps
@@ -40,8 +39,8 @@ def keep_bits(shape: torch.Size | tuple[int, ...], keep_prob: float, device: tor
     """``keep_mask``'s decisions (the same draws) as an integer mask: -1 (all bits set) where kept, 0 where dropped.
 
     ``apply_bits(x, mask)`` is then x with the dropped elements zeroed by integer operations,
-    several times faster on a CPU than a bf16 multiply by a 0 / 1 factor (which converts every
-    element to fp32 and back); and ``lt`` writing int16 is ~5x faster than writing bool. ``dtype``
+    faster on a CPU than a bf16 multiply by a 0 / 1 factor (which converts every element to fp32
+    and back); and ``lt`` writing int16 is faster than writing bool. ``dtype``
     (int16 by default) is best x's own integer type (``int_dtype_of``): the mask can then be
     applied in its own storage, with no conversion (int32 for an fp32 x).
     """
@@ -92,9 +91,8 @@ class _MaskedScale(torch.autograd.Function):
     """out = x * keep / q; saves only the bool mask (1 byte per element) for backward.
 
     A multiply by the mask as 0 / 1 instead of ``torch.where(keep, x, 0)``: the same values
-    (x * 1 is x, x * 0 is 0; only the sign of a zero differs), and on a CPU ~3x faster for bf16
-    (``where`` on a bool mask is not vectorised there: 1.67 vs 1.05 ms per forward + backward on a
-    1,209 x 576 activation, 2 threads, mask drawing included).
+    (x * 1 is x, x * 0 is 0; only the sign of a zero differs), and on a CPU faster for bf16
+    (``where`` on a bool mask is not vectorised there).
     """
 
     @staticmethod

@@ -3,9 +3,8 @@
 PEFT computes ``base(x) + lora_B(lora_A(dropout(x))) * scaling`` as separate operations, each a
 pass over an (N, d) activation, forward and backward: the dropped-out copy of x (saved for
 backward), the scaling multiply, the add, the gradient of each, and the sum of the two input
-gradients. On a CPU these passes, not the rank-16 matmuls, are what LoRA costs: measured on
-SmolLM2-135M (1,000 tokens, bf16, 2 threads), one forward + backward took 1.66 s with LoRA on
-the 7 linear layers of every block and 1.01 s without it.
+gradients. On a CPU these passes, not the rank-16 matmuls, are most of what LoRA costs
+(docs/benchmarks.md, "Speed levers").
 
 Here the same sum is one function:
 

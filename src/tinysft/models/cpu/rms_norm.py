@@ -8,8 +8,7 @@ has a closed form: with xhat = x * rstd and gh = grad * weight,
     grad_x = rstd * (gh - xhat * mean(gh * xhat))          (per row, in fp32)
 
 The forward is the same expression as transformers' (bit-identical output); only x and the
-(N, 1) rstd are saved. Measured on a 1,000 x 576 bf16 activation, 2 threads: 2.5 -> 1.7 ms per
-forward + backward. It applies in training, on a CPU, with the norm's weight frozen (LoRA);
+(N, 1) rstd are saved. It applies in training, on a CPU, with the norm's weight frozen (LoRA);
 everything else takes the module's own forward.
 """
 

@@ -10,9 +10,7 @@ transformers' (tested). It applies in training, on a CPU, to MLPs whose activati
 everything else takes the module's own forward.
 
 One (tokens, 1,536) bf16 tensor less per layer of SmolLM2-135M: ~92 KB per token over its 30
-layers. Measured (docs/benchmarks.md, benchmark config, 2,048-token passes, 16 steps, 2
-alternating pairs): 2,411 -> 2,274 MB peak RSS, 407 / 415 -> 433 / 434 tokens/s: the extra SiLU
-did not make it slower.
+layers, for one extra elementwise pass (the memory and speed figures are in docs/benchmarks.md).
 """
 
 from __future__ import annotations
