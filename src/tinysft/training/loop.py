@@ -157,6 +157,70 @@ class _EarlyStop(Exception):
     pass
 
 
+def _sharding(accelerator: Any) -> tuple[bool, bool]:
+    """(optimizer state sharded per rank: FSDP, DeepSpeed; weights sharded too: FSDP, ZeRO-3)."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    sharded = kind in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    weights = kind == DistributedType.FSDP or (
+        kind == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3)
+    return sharded, weights
+
+
+def adapter_weights(accelerator: Any, model: Any) -> dict[str, torch.Tensor] | None:
+    """The adapter's state dict gathered from every rank where the weights are sharded (a
+    collective: all ranks call it); None elsewhere (PEFT takes the weights from the model)."""
+    return accelerator.get_state_dict(model) if _sharding(accelerator)[1] else None
+
+
+def write_checkpoint(accelerator: Any, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, run_dir: Path,
+                     step: int, keep: int, state: dict[str, Any]) -> Path:
+    """checkpoints/step-N through the one protocol (``checkpoints.begin_checkpoint`` /
+    ``commit_checkpoint``); every rank calls it. Rank 0 writes the adapter, optimizer, scheduler and
+    every rank's RNG state; with a sharded optimizer each rank writes its own part."""
+    from accelerate.utils import gather_object
+
+    sharded, _ = _sharding(accelerator)
+    is_main, rank = accelerator.is_main_process, accelerator.process_index
+    optimizer_file = f"optimizer-{rank}.pt" if sharded else "optimizer.pt"
+    rng_states = gather_object([rng_state()])  # one entry per rank (dropout streams differ)
+    weights = adapter_weights(accelerator, model)
+    tmp = run_dir / "checkpoints" / f".step-{step}.tmp"
+    if is_main:
+        begin_checkpoint(run_dir, step)
+    accelerator.wait_for_everyone()
+    if sharded:
+        torch.save(optimizer.state_dict(), tmp / optimizer_file)
+    final = tmp.parent / f"step-{step}"
+    if is_main:
+        accelerator.unwrap_model(model).save_pretrained(tmp / "adapter", state_dict=weights)
+        if not sharded:
+            torch.save(optimizer.state_dict(), tmp / optimizer_file)
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        for r, rng in enumerate(rng_states):
+            torch.save(rng, tmp / f"rng-{r}.pt")
+    accelerator.wait_for_everyone()  # every rank's files are in before state.json marks it complete
+    if is_main:
+        final = commit_checkpoint(tmp, state, keep)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_training_state(accelerator: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
+                        ckpt: Path) -> dict[str, Any]:
+    """Restore this rank's optimizer, scheduler and RNG from ``ckpt``; returns its state.json."""
+    import json
+
+    sharded, _ = _sharding(accelerator)
+    rank = accelerator.process_index
+    optimizer.load_state_dict(torch.load(ckpt / (f"optimizer-{rank}.pt" if sharded else "optimizer.pt"),
+                                         weights_only=True))
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    set_rng_state(torch.load(ckpt / f"rng-{rank}.pt", weights_only=True))
+    return json.loads((ckpt / "state.json").read_text())
+
+
 def fit(task: Task, *, accelerator: Any, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
         cfg: TrainConfig, run_dir: Path, steps_per_epoch: int, total_steps: int, resume_from: Path | None = None,
         log: Callable[[str], None] = print, show_progress: bool = True,
@@ -169,66 +233,25 @@ def fit(task: Task, *, accelerator: Any, model: Any, optimizer: torch.optim.Opti
     finishes the current step, writes a checkpoint and raises KeyboardInterrupt; a second Ctrl-C
     aborts at once. The final adapter (``run_dir/adapter``, written last) marks the run finished.
     """
-    from accelerate.utils import DistributedType, gather_object
-
     device, is_main = accelerator.device, accelerator.is_main_process
     say = log if is_main else (lambda _msg: None)
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = accelerator.num_processes
     unwrapped = accelerator.unwrap_model(model)
-    # FSDP and DeepSpeed ZeRO shard the optimizer state: each rank saves and loads its own part.
-    sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-    optimizer_file = f"optimizer-{rank}.pt" if sharded else "optimizer.pt"
-    # FSDP and ZeRO-3 also shard the weights: saving gathers them first (a collective on all ranks).
-    gather_weights = accelerator.distributed_type == DistributedType.FSDP or (
-        accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3)
-
-    def adapter_weights() -> dict[str, torch.Tensor] | None:
-        return accelerator.get_state_dict(model) if gather_weights else None
-
-    step = seen_tokens = passed_tokens = 0
-    window_loss, window_count = 0.0, 0.0  # the loss since the last log line (global sum, global count)
-    elapsed_before = 0.0
+    state = load_training_state(accelerator, optimizer, scheduler, resume_from) if resume_from is not None else {}
+    step, seen_tokens, passed_tokens = state.get("step", 0), state.get("seen_tokens", 0), state.get("passed_tokens", 0)
+    # The loss since the last log line (global sum, global count).
+    window_loss, window_count = state.get("window_loss", 0.0), state.get("window_count", 0.0)
+    elapsed_before = state.get("elapsed_s", 0.0)
     if resume_from is not None:
-        import json
-
-        state = json.loads((resume_from / "state.json").read_text())
-        optimizer.load_state_dict(torch.load(resume_from / optimizer_file, weights_only=True))
-        scheduler.load_state_dict(torch.load(resume_from / "scheduler.pt", weights_only=True))
-        set_rng_state(torch.load(resume_from / f"rng-{rank}.pt", weights_only=True))
-        step = state["step"]
-        window_loss, window_count = state.get("window_loss", 0.0), state.get("window_count", 0)
-        seen_tokens, elapsed_before = state.get("seen_tokens", 0), state.get("elapsed_s", 0.0)
-        passed_tokens = state.get("passed_tokens", 0)
         say(f"Resuming from {resume_from} (step {step}/{total_steps}).")
     metrics = MetricsLog(run_dir, is_main, step if resume_from is not None else None)
     start = time.time()
 
     def save_checkpoint() -> Path:
-        """checkpoints/step-N through the one protocol (checkpoints.begin / commit); all ranks call it."""
-        rng_states = gather_object([rng_state()])  # one entry per rank (dropout streams differ)
-        weights = adapter_weights()
-        tmp = run_dir / "checkpoints" / f".step-{step}.tmp"
-        if is_main:
-            begin_checkpoint(run_dir, step)
-        accelerator.wait_for_everyone()
-        if sharded:
-            torch.save(optimizer.state_dict(), tmp / optimizer_file)
-        final = tmp.parent / f"step-{step}"
-        if is_main:
-            unwrapped.save_pretrained(tmp / "adapter", state_dict=weights)
-            if not sharded:
-                torch.save(optimizer.state_dict(), tmp / optimizer_file)
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            for r, rng in enumerate(rng_states):
-                torch.save(rng, tmp / f"rng-{r}.pt")
-        accelerator.wait_for_everyone()  # every rank's files are in before state.json marks it complete
-        if is_main:
-            final = commit_checkpoint(tmp, {
-                "step": step, "total_steps": total_steps, "world_size": world, "seen_tokens": seen_tokens,
-                "passed_tokens": passed_tokens, "window_loss": window_loss, "window_count": window_count,
-                "elapsed_s": elapsed_before + time.time() - start}, cfg.keep_checkpoints)
-        accelerator.wait_for_everyone()
-        return final
+        return write_checkpoint(accelerator, model, optimizer, scheduler, run_dir, step, cfg.keep_checkpoints, {
+            "step": step, "total_steps": total_steps, "world_size": world, "seen_tokens": seen_tokens,
+            "passed_tokens": passed_tokens, "window_loss": window_loss, "window_count": window_count,
+            "elapsed_s": elapsed_before + time.time() - start})
 
     # Ctrl-C / SIGTERM (what schedulers send before preemption): finish the current step, save a
     # checkpoint, exit. Every rank catches it; the ranks agree on stopping through the per-step
@@ -327,7 +350,7 @@ def fit(task: Task, *, accelerator: Any, model: Any, optimizer: torch.optim.Opti
         return result
     # The final adapter: gathered on all ranks (FSDP / ZeRO-3), written by rank 0; its presence
     # marks the run as finished.
-    weights = adapter_weights()
+    weights = adapter_weights(accelerator, model)
     if is_main:
         atomic_save_dir(run_dir / "adapter", lambda tmp: unwrapped.save_pretrained(tmp, state_dict=weights))
         plot_losses(history, run_dir / "loss.png")

@@ -70,6 +70,30 @@ def split_for_eval(convs: list[Any], fraction: float, seed: int) -> tuple[list[A
     return [convs[i] for i in idx[n_val:]], [convs[i] for i in idx[:n_val]]
 
 
+def load_sft_data(cfg: RunConfig, say: Callable[[str], None]) -> tuple[list[Any], list[Any], list[Any]]:
+    """(training conversations, eval conversations, the preference pool): files read and
+    validated, the eval split held out, data weights applied after the split (so no eval row is
+    repeated in training), and each row with a `rejected` answer that the weights kept, once."""
+    if not cfg.data.train:
+        raise DataError([Problem("(config)", None, "data.train", "no training file given", "pass --data FILE.jsonl")])
+    train_convs = load_conversations(cfg.data.train)
+    eval_convs = load_conversations(cfg.data.eval) if cfg.data.eval else []
+    if not eval_convs and cfg.data.val_fraction > 0 and len(train_convs) > 4:
+        train_convs, eval_convs = split_for_eval(train_convs, cfg.data.val_fraction, cfg.train.seed)
+    if cfg.data.category_weights or cfg.data.file_weights:
+        n_before = len(train_convs)
+        train_convs = weight_categories(train_convs, cfg.data.category_weights, cfg.train.seed, cfg.data.file_weights)
+        say(f"{'Category' if not cfg.data.file_weights else 'Category and file'} weights: "
+            f"{n_before} training rows -> {len(train_convs)} per epoch.")
+    pair_convs = (list({id(c): c for c in train_convs if rejected_answers(c)}.values())
+                  if cfg.train.preference_weight > 0 else [])
+    if cfg.train.preference_weight > 0 and not pair_convs:
+        raise DataError([Problem("(config)", None, "train.preference_weight",
+                                 "is set but no training row (after data weights) has a `rejected` answer",
+                                 'add "rejected": "..." to rows, or set train.preference_weight=0')])
+    return train_convs, eval_convs, pair_convs
+
+
 def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Callable[[str], None] = print,
           show_progress: bool = True, stop_after_steps: int | None = None) -> TrainResult:
     """Fine-tune ``cfg.model`` with LoRA on ``cfg.data.train``; write the run directory.
@@ -88,25 +112,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
     if resume and existing is None:
         say(f"Nothing to resume in {run_dir} (no checkpoint yet): starting from step 0.")
 
-    # ---- data ---------------------------------------------------------------------------------
-    if not cfg.data.train:
-        raise DataError([Problem("(config)", None, "data.train", "no training file given", "pass --data FILE.jsonl")])
-    train_convs = load_conversations(cfg.data.train)
-    eval_convs = load_conversations(cfg.data.eval) if cfg.data.eval else []
-    if not eval_convs and cfg.data.val_fraction > 0 and len(train_convs) > 4:
-        train_convs, eval_convs = split_for_eval(train_convs, cfg.data.val_fraction, cfg.train.seed)
-    if cfg.data.category_weights or cfg.data.file_weights:  # after the split: no repeated row in the eval set
-        n_before = len(train_convs)
-        train_convs = weight_categories(train_convs, cfg.data.category_weights, cfg.train.seed, cfg.data.file_weights)
-        say(f"{'Category' if not cfg.data.file_weights else 'Category and file'} weights: "
-            f"{n_before} training rows -> {len(train_convs)} per epoch.")
-    # The pool of preference pairs: each row with a `rejected` answer that the weights kept, once.
-    pair_convs = (list({id(c): c for c in train_convs if rejected_answers(c)}.values())
-                  if cfg.train.preference_weight > 0 else [])
-    if cfg.train.preference_weight > 0 and not pair_convs:
-        raise DataError([Problem("(config)", None, "train.preference_weight",
-                                 "is set but no training row (after data weights) has a `rejected` answer",
-                                 'add "rejected": "..." to rows, or set train.preference_weight=0')])
+    train_convs, eval_convs, pair_convs = load_sft_data(cfg, say)
 
     # ---- model --------------------------------------------------------------------------------
     accelerator.wait_for_everyone()  # every rank has read the run directory before rank 0 writes to it
@@ -190,69 +196,85 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
     # would step once per process.
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    # ---- the step -----------------------------------------------------------------------------
-    pass_tokens = pass_tokens_for(device, mp, base.dtype)
-    weight, beta = cfg.train.preference_weight, cfg.train.preference_beta
-    window = {"pref": torch.zeros((), device=device), "n": 0}  # preference term since the last log line
-
-    def plan_step(group: list[Batch], step: int) -> StepPlan:
-        """The step's loss is the mean over the trained tokens of the whole step on all ranks: each
-        pass's summed loss is divided by the global token count, times ``world`` because DDP
-        averages gradients over ranks. So 2 processes x grad_accum A == 1 process x grad_accum 2A.
-        Each micro-batch runs as pieces of <= pass_tokens tokens (whole conversations): the same
-        gradients, with activation memory set by the piece instead of the batch."""
-        pieces = [piece for b in group for piece in split_batch(b, pass_tokens)]
-        passes = []
-        if pairs:
-            # The same pairs on a resumed run: picked from the step number and rank alone.
-            first_pair = (step * world + rank) * pairs_per_step
-            chosen_idx = [pair_order[(first_pair + j) % len(pairs)] for j in range(pairs_per_step)]
-            if pair_rows:  # scored in the last piece's pass: only their prompts and tokens added
-                pieces[-1] = append_rows(pieces[-1], [pair_rows[i] for i in chosen_idx])
-            else:  # a pass of their own
-                picked = [pairs[i] for i in chosen_idx]
-
-                def pair_pass() -> tuple[torch.Tensor, torch.Tensor]:
-                    pref = preference_loss(model, [c for c, _ in picked], [r for _, r in picked], pad_id, beta,
-                                           device, packing=packing)
-                    window["pref"] += pref.detach().float()
-                    window["n"] += 1
-                    return pref * weight, torch.zeros((), device=device)
-
-                passes.append(pair_pass)
-        if share:
-            pieces = [share_prefixes(p) for p in pieces]
-        counts = accelerator.reduce(torch.tensor([float(sum(b.n_trained for b in group)),
-                                                  float(sum(p.n_pairs for p in pieces))], device=device), "sum")
-        n_tokens, n_pairs = max(float(counts[0]), 1.0), max(float(counts[1]), 1.0)
-
-        def piece_pass(b: Batch) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
-            def run() -> tuple[torch.Tensor, torch.Tensor]:
-                loss_sum, _n, pref_sum = lm_and_pair_loss(model, b.to(device), beta)
-                loss = loss_sum * (world / n_tokens)
-                if b.n_pairs:
-                    loss = loss + pref_sum * (weight * world / n_pairs)
-                    window["pref"] += pref_sum.detach().float()
-                    window["n"] += b.n_pairs
-                return loss, loss_sum
-            return run
-
-        passes += [piece_pass(p) for p in pieces]
-        return StepPlan(passes, count=sum(b.n_trained for b in group), tokens=sum(b.n_tokens for b in pieces),
-                        passed_tokens=sum(b.input_ids.numel() for b in pieces))
-
-    def log_extras(elapsed: float) -> dict[str, float]:
-        if not window["n"]:
-            return {}
-        out = {"preference_loss": round(float(window["pref"]) / window["n"], 5)}
-        window["pref"], window["n"] = torch.zeros((), device=device), 0
-        return out
+    # ---- the step ------------------------------------------------------------------------------
+    step_plan = SftStep(model, accelerator, pass_tokens_for(device, mp, base.dtype), pairs, pair_rows, pair_order,
+                        pairs_per_step, cfg.train.preference_weight, cfg.train.preference_beta, pad_id, packing, share)
 
     def evaluate() -> dict[str, float]:
         loss = evaluate_loss(model, eval_batches, device, accelerator.autocast)
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
 
-    task = Task(epoch_batches, plan_step, evaluate if eval_batches else None, log_extras)
+    task = Task(epoch_batches, step_plan.plan, evaluate if eval_batches else None, step_plan.log_extras)
     return fit(task, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, cfg=cfg.train,
                run_dir=run_dir, steps_per_epoch=steps_per_epoch, total_steps=total_steps, resume_from=existing,
                log=log, show_progress=show_progress, stop_after_steps=stop_after_steps)
+
+
+class SftStep:
+    """One SFT optimizer step laid out as passes (``loop.StepPlan``), and the preference term's log.
+
+    The step's loss is the mean over the trained tokens of the whole step on all ranks: each
+    pass's summed loss is divided by the global token count, times ``world`` because DDP averages
+    gradients over ranks, so 2 processes x grad_accum A == 1 process x grad_accum 2A. Each
+    micro-batch runs as pieces of <= pass_tokens tokens (whole conversations): the same
+    gradients, with activation memory set by the piece instead of the batch. The step's
+    preference pairs are appended to its last piece (``pair_rows``, packed attention) or run as a
+    pass of their own.
+    """
+
+    def __init__(self, model: Any, accelerator: Any, pass_tokens: int | None, pairs: list[tuple[Any, Any]],
+                 pair_rows: list[Any], pair_order: list[int], pairs_per_step: int, weight: float, beta: float,
+                 pad_id: int, packing: bool, share: bool) -> None:
+        self.model, self.accelerator, self.pass_tokens = model, accelerator, pass_tokens
+        self.pairs, self.pair_rows, self.pair_order, self.pairs_per_step = pairs, pair_rows, pair_order, pairs_per_step
+        self.weight, self.beta, self.pad_id, self.packing, self.share = weight, beta, pad_id, packing, share
+        self.device, self.world, self.rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+        self.window_pref, self.window_n = torch.zeros((), device=self.device), 0  # since the last log line
+
+    def plan(self, group: list[Batch], step: int) -> StepPlan:
+        pieces = [piece for b in group for piece in split_batch(b, self.pass_tokens)]
+        passes: list[Callable[[], tuple[torch.Tensor, torch.Tensor]]] = []
+        if self.pairs:
+            # The same pairs on a resumed run: picked from the step number and rank alone.
+            first = (step * self.world + self.rank) * self.pairs_per_step
+            chosen = [self.pair_order[(first + j) % len(self.pairs)] for j in range(self.pairs_per_step)]
+            if self.pair_rows:  # scored in the last piece's pass: only their prompts and tokens added
+                pieces[-1] = append_rows(pieces[-1], [self.pair_rows[i] for i in chosen])
+            else:
+                passes.append(self._pair_pass([self.pairs[i] for i in chosen]))
+        if self.share:
+            pieces = [share_prefixes(p) for p in pieces]
+        counts = self.accelerator.reduce(torch.tensor([float(sum(b.n_trained for b in group)),
+                                                       float(sum(p.n_pairs for p in pieces))], device=self.device), "sum")
+        n_tokens, n_pairs = max(float(counts[0]), 1.0), max(float(counts[1]), 1.0)
+        passes += [self._piece_pass(p, n_tokens, n_pairs) for p in pieces]
+        return StepPlan(passes, count=sum(b.n_trained for b in group), tokens=sum(b.n_tokens for b in pieces),
+                        passed_tokens=sum(b.input_ids.numel() for b in pieces))
+
+    def _pair_pass(self, picked: list[tuple[Any, Any]]) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+        def run() -> tuple[torch.Tensor, torch.Tensor]:
+            pref = preference_loss(self.model, [c for c, _ in picked], [r for _, r in picked], self.pad_id, self.beta,
+                                   self.device, packing=self.packing)
+            self.window_pref += pref.detach().float()
+            self.window_n += 1
+            return pref * self.weight, torch.zeros((), device=self.device)
+        return run
+
+    def _piece_pass(self, b: Batch, n_tokens: float, n_pairs: float) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+        def run() -> tuple[torch.Tensor, torch.Tensor]:
+            loss_sum, _n, pref_sum = lm_and_pair_loss(self.model, b.to(self.device), self.beta)
+            loss = loss_sum * (self.world / n_tokens)
+            if b.n_pairs:
+                loss = loss + pref_sum * (self.weight * self.world / n_pairs)
+                self.window_pref += pref_sum.detach().float()
+                self.window_n += b.n_pairs
+            return loss, loss_sum
+        return run
+
+    def log_extras(self, elapsed: float) -> dict[str, float]:
+        """The preference term's mean since the last log line (then reset); {} without one."""
+        if not self.window_n:
+            return {}
+        out = {"preference_loss": round(float(self.window_pref) / self.window_n, 5)}
+        self.window_pref, self.window_n = torch.zeros((), device=self.device), 0
+        return out
