@@ -15,7 +15,8 @@ import pytest
 
 from tinysft.data.formats import Conversation
 from tinysft.evaluate.compare import FORGETTING, scored_row, summarize
-from tinysft.evaluate.report import change, flips, format_value, write_report
+from tinysft.evaluate.report import write_report
+from tinysft.evaluate.summary import change, flips, format_value
 
 
 def _conv(prompt: str, category: str | None = None, **extra) -> Conversation:

@@ -93,7 +93,7 @@ def summary_table(comp: Comparison) -> Any:
     """The report's summary (metric, base, tuned, change) as a rich table for the terminal."""
     from rich.table import Table
 
-    from tinysft.evaluate.report import summary_rows
+    from tinysft.evaluate.summary import summary_rows
 
     table = Table(title="Base vs tuned")
     table.add_column("metric")
