@@ -100,6 +100,10 @@ class DataConfig:
                     raise ConfigError(f"data.{kind}.{name} must be >= 0 (got {weight}).")
 
 
+# train.report_to names -> the package each needs (accelerate's trackers).
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
+
+
 @dataclass
 class TrainConfig:
     task: Literal["sft", "classify"] = "sft"
@@ -165,6 +169,10 @@ class TrainConfig:
     """How many of the latest checkpoints to keep."""
     threads: int = 0
     """CPU threads for torch (0 = torch's default)."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers that also get every log line, through accelerate: any of tensorboard,
+    wandb, mlflow, trackio (comma-separated; [] = metrics.jsonl only). TensorBoard writes to
+    RUN/tensorboard; the others follow their own settings (WANDB_PROJECT, MLFLOW_TRACKING_URI, ...)."""
 
     def __post_init__(self) -> None:
         if self.learning_rate <= 0:
@@ -181,6 +189,9 @@ class TrainConfig:
                      "preference_weight", "preference_pairs", "preference_tokens"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0 (got {getattr(self, name)}); 0 means off / the default.")
+        unknown = [t for t in self.report_to if t not in TRACKERS]
+        if unknown:
+            raise ConfigError(f"train.report_to: unknown tracker {unknown[0]!r}; choose from {', '.join(TRACKERS)}.")
         if self.log_every < 1 or self.keep_checkpoints < 1:
             raise ConfigError(f"train.log_every and train.keep_checkpoints must be >= 1 (got {self.log_every}, "
                               f"{self.keep_checkpoints}).")

@@ -137,7 +137,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # train.* keys that may differ between a run and its continuation: they change how often things
 # are logged or saved, or how fast it runs, never what is computed. The eval section is only used
 # after training (generation settings for the report).
-RUN_CONTROL_KEYS = {"train.threads", "train.save_every", "train.keep_checkpoints", "train.log_every"}
+RUN_CONTROL_KEYS = {"train.threads", "train.save_every", "train.keep_checkpoints", "train.log_every",
+                    "train.report_to"}
 
 
 def sha256_files(paths: list[str]) -> dict[str, str]:

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from tinysft.config import RunConfig, TrainConfig
+from tinysft.config import TRACKERS, ConfigError, RunConfig, TrainConfig
 from tinysft.files import atomic_save_dir
 from tinysft.models.cpu import cap_onednn_cache
 from tinysft.models.load import fast_bf16_available
@@ -120,7 +120,7 @@ def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_ste
                          num_warmup_steps=int(cfg.warmup_ratio * total_steps), num_training_steps=total_steps)
 
 
-def make_accelerator(cfg: RunConfig) -> Any:
+def make_accelerator(cfg: RunConfig, run_dir: Path | None = None) -> Any:
     """An ``accelerate.Accelerator`` with the run's mixed precision.
 
     accelerate keeps its state in a process-wide singleton and refuses a second Accelerator with
@@ -130,9 +130,19 @@ def make_accelerator(cfg: RunConfig) -> Any:
     ``cpu=True`` accelerate ignores torchrun's WORLD_SIZE on a machine with no GPU and every
     process would train alone; with it, CPU processes join one gloo group. The oneDNN primitive
     cache is capped here too, before training's first matmul (``models.cpu.cap_onednn_cache``).
+    ``train.report_to`` trackers log into ``run_dir`` (TensorBoard: run_dir/tensorboard).
     """
+    import importlib.util
+
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
+    from accelerate.utils import ProjectConfiguration
+
+    for name in cfg.train.report_to:
+        package = TRACKERS[name]
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError(f"train.report_to={name} needs the {package} package, which is not installed: "
+                              f"pip install {package} (or remove {name} from train.report_to).")
 
     cap_onednn_cache()
     if cfg.train.threads:
@@ -143,7 +153,9 @@ def make_accelerator(cfg: RunConfig) -> Any:
     state = AcceleratorState._shared_state
     if state and state.get("_mixed_precision", mp) != mp and world == 1:
         AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available() and world > 1)
+    project = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir)) if run_dir else None
+    return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available() and world > 1,
+                       log_with=list(cfg.train.report_to) or None, project_config=project)
 
 
 def nonfinite_message(what: str, value: float, step: int, run_dir: Path) -> str:
@@ -245,6 +257,16 @@ def fit(task: Task, *, accelerator: Any, model: Any, optimizer: torch.optim.Opti
     if resume_from is not None:
         say(f"Resuming from {resume_from} (step {step}/{total_steps}).")
     metrics = MetricsLog(run_dir, is_main, step if resume_from is not None else None)
+    if accelerator.log_with:  # train.report_to: the same lines to TensorBoard / W&B / MLflow / trackio
+        accelerator.init_trackers("tensorboard" if cfg.report_to == ["tensorboard"] else "tinysft",
+                                  config={k: v for k, v in vars(cfg).items() if isinstance(v, int | float | str | bool)})
+
+    def record(entry: dict[str, Any]) -> None:
+        metrics.record(entry)
+        if accelerator.log_with:
+            accelerator.log({k: v for k, v in entry.items() if k != "step" and isinstance(v, int | float)},
+                            step=entry["step"])
+
     start = time.time()
 
     def save_checkpoint() -> Path:
@@ -314,7 +336,7 @@ def fit(task: Task, *, accelerator: Any, model: Any, optimizer: torch.optim.Opti
                              "loss": round(window_loss / max(window_count, 1), 5),
                              "lr": scheduler.get_last_lr()[0], "tokens_per_s": round(tps, 1),
                              "elapsed_s": round(elapsed, 2), **task.log_extras(elapsed)}
-                    metrics.record(entry)
+                    record(entry)
                     window_loss, window_count = 0.0, 0.0
                     progress.update(step, entry["loss"], tps)
                 else:
@@ -322,7 +344,7 @@ def fit(task: Task, *, accelerator: Any, model: Any, optimizer: torch.optim.Opti
                 if task.evaluate is not None and (step % eval_every == 0 or step == total_steps):
                     figures = task.evaluate()
                     last_eval = figures.get("eval_loss")
-                    metrics.record({"step": step, **{k: round(v, 5) for k, v in figures.items()}})
+                    record({"step": step, **{k: round(v, 5) for k, v in figures.items()}})
                 stop = bool(totals[2] > 0) or (stop_after_steps is not None and step >= stop_after_steps)
                 if step == total_steps or stop or (cfg.save_every and step % cfg.save_every == 0):
                     saved = save_checkpoint()
@@ -340,6 +362,8 @@ def fit(task: Task, *, accelerator: Any, model: Any, optimizer: torch.optim.Opti
         for s, handler in previous_handlers.items():
             signal.signal(s, handler)
         progress.close()
+        if accelerator.log_with:
+            accelerator.end_training()
 
     seconds = time.time() - start
     history = metrics.history

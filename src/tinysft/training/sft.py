@@ -104,7 +104,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
     when there is nothing to continue. ``stop_after_steps``: see ``loop.fit``.
     """
     run_dir = Path(run_dir)
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg, run_dir)
     device, is_main = accelerator.device, accelerator.is_main_process
     say = log if is_main else (lambda _msg: None)
     world, rank = accelerator.num_processes, accelerator.process_index
