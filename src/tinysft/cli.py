@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from tinysft.files import atomic_write_text
+from tinysft.files import check_replaceable, write_output_text
 
 # Quiet the libraries' own progress bars and deprecation chatter; tinysft prints its own progress.
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -43,10 +43,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from tinysft.data.formats import RowProblem
     from tinysft.data.render import RenderError
     from tinysft.data.validate import DataError
+    from tinysft.files import OutputError
     from tinysft.models.registry import ModelError
     from tinysft.train import TrainError
 
-    return (ConfigError, DataError, RenderError, RowProblem, ModelError, TrainError, FileNotFoundError,
+    return (ConfigError, DataError, RenderError, RowProblem, ModelError, TrainError, OutputError, FileNotFoundError,
             PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
 
 
@@ -238,6 +239,7 @@ def generate(
     from tinysft.evaluate.generate import generate_rows
     from tinysft.models.load import load_run
 
+    check_replaceable(out_file, protected=[prompts])  # before the work: never the input, never the user's file
     rows = load_prompts([str(prompts)])
     raw = [r for _, r in read_rows(prompts, [])]
     loaded = load_run(run_dir, log=_log)
@@ -247,7 +249,7 @@ def generate(
                                 batch_size=batch_size, system_prompt=loaded.config.data.system_prompt,
                                 on_batch=lambda n: bar.advance(task, n))
     text = "".join(json.dumps({**r, "response": a}, ensure_ascii=False) + "\n" for r, a in zip(raw, answers, strict=True))
-    atomic_write_text(out_file, text)
+    write_output_text(out_file, text, kind="answers", protected=[prompts])
     out.print(f"Wrote {len(answers)} answers to {out_file}")
 
 
@@ -279,6 +281,8 @@ def eval_cmd(
         raise ModelError(f"{run_dir}: not a tinysft run directory (no config.yaml) — pass the folder `tinysft train --out` wrote.")
     cfg = load_config(run_dir / "config.yaml")
     target = out_dir or run_dir
+    for name in ("report.json", "report.md", "report.html"):  # refuse before the work, not after it
+        check_replaceable(target / name, protected=[*(prompts or []), *(data or [])])
     if cfg.train.task == "classify":
         from tinysft.classify import evaluate_classifier
 
@@ -317,8 +321,10 @@ def predict(
     """
     from tinysft.classify import predict_rows
 
+    check_replaceable(out_file, protected=[data])
     rows, accuracy = predict_rows(run_dir, data, tuned=not base, log=_log)
-    atomic_write_text(out_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_output_text(out_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), kind="predictions",
+                      protected=[data])
     note = f" (accuracy {accuracy:.3f} against the rows' labels)" if accuracy is not None else ""
     out.print(f"Wrote {len(rows)} predictions to {out_file}{note}")
 
