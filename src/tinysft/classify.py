@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tinysft.config import ConfigError, LoraConfig, ModelConfig, RunConfig, load_config
+from tinysft.config import ConfigError, LoraConfig, ModelConfig, RunConfig
 from tinysft.data.formats import LABEL_FORMATS, LabeledText
 from tinysft.data.validate import DataError, Problem, load_labeled, read_rows
 from tinysft.evaluate.classification_metrics import classification_metrics
@@ -43,6 +43,7 @@ from tinysft.models.load import (
     add_lora,
     emulated_on_cpu,
     emulated_warning,
+    load_run_config,
     load_tokenizer,
     resolve_dtype,
     resolve_model_path,
@@ -487,7 +488,7 @@ def load_classifier_run(run_dir: str | Path, device: torch.device | str | None =
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if not (run_dir / "config.yaml").is_file():
         raise ModelError(f"{run_dir}: not a tinysft run directory (no config.yaml) — pass the folder `tinysft train --out` wrote.")
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_run_config(run_dir, log=log)  # never trust_remote_code / allow_pickle from the run folder
     if cfg.train.task != "classify":
         raise ModelError(f"{run_dir}: this is a chat (sft) run; use `tinysft generate` or `tinysft eval --prompts`.")
     adapter = run_dir / "adapter"

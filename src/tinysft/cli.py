@@ -127,6 +127,32 @@ def _log(msg: str) -> None:
     err.print(msg, highlight=False, markup=False)
 
 
+# Commands that load a run folder. What loading may do beyond reading safetensors and JSON is granted
+# here, on the command line, and never by the run folder's config.yaml (docs/security.md).
+TrustRemoteCode = Annotated[bool, typer.Option(
+    "--trust-remote-code", help="Run Python code shipped with the run's base model (only for models you trust)")]
+AllowPickle = Annotated[bool, typer.Option(
+    "--allow-pickle", help="Load pickle (.bin/.pt) weights, which can run code (only for files you trust)")]
+AllowOtherBase = Annotated[bool, typer.Option(
+    "--allow-other-base", help="Load the adapter on a base other than the one it was trained on")]
+
+
+def loads_runs(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator: grant the command's --trust-remote-code / --allow-pickle / --allow-other-base to the
+    run folders it loads (models.load.run_permissions)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from tinysft.models.load import RunPermissions, run_permissions
+
+        granted = RunPermissions(**{k: bool(kwargs.get(k, False))
+                                    for k in ("trust_remote_code", "allow_pickle", "allow_other_base")})
+        with run_permissions(granted):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 # ------------------------------------------------------------------------------------------------
 @app.command()
 @clean_errors
@@ -221,6 +247,7 @@ def train_cmd(
 
 @app.command()
 @clean_errors
+@loads_runs
 def generate(
     run_dir: Annotated[Path, typer.Argument(help="Run directory from `tinysft train`")],
     prompts: Annotated[Path, typer.Option(help="JSONL rows with `prompt` or `messages`")],
@@ -228,6 +255,9 @@ def generate(
     base: Annotated[bool, typer.Option("--base", help="Answer with the adapter disabled")] = False,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest answer in tokens")] = 160,
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts generated together")] = 16,
+    trust_remote_code: TrustRemoteCode = False,
+    allow_pickle: AllowPickle = False,
+    allow_other_base: AllowOtherBase = False,
 ) -> None:
     """Answer a file of prompts in batches; write each row back with a `response` field.
 
@@ -255,6 +285,7 @@ def generate(
 
 @app.command("eval")
 @clean_errors
+@loads_runs
 def eval_cmd(
     run_dir: Annotated[Path, typer.Argument(help="Run directory from `tinysft train`")],
     prompts: Annotated[list[Path] | None, typer.Option(help="Prompt JSONL file(s) (chat runs)")] = None,
@@ -266,6 +297,9 @@ def eval_cmd(
     forgetting: Annotated[bool, typer.Option(
         "--forgetting/--no-forgetting", help="Score the shipped general-knowledge set before/after")] = True,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Prompts generated together (default: the run's eval.batch_size)")] = None,
+    trust_remote_code: TrustRemoteCode = False,
+    allow_pickle: AllowPickle = False,
+    allow_other_base: AllowOtherBase = False,
 ) -> None:
     """Before/after report: base (adapter off) vs tuned (adapter on) on the same prompts.
 
@@ -309,11 +343,15 @@ def eval_cmd(
 
 @app.command()
 @clean_errors
+@loads_runs
 def predict(
     run_dir: Annotated[Path, typer.Argument(help="Classification run directory from `tinysft train --task classify`")],
     data: Annotated[Path, typer.Option(help="JSONL/CSV rows with `text` (or `question`); a label is optional")],
     out_file: Annotated[Path, typer.Option("--out", help="Output JSONL (each input row + `prediction`, `confidence`)")],
     base: Annotated[bool, typer.Option("--base", help="Predict with the adapter and trained head disabled")] = False,
+    trust_remote_code: TrustRemoteCode = False,
+    allow_pickle: AllowPickle = False,
+    allow_other_base: AllowOtherBase = False,
 ) -> None:
     """Classify each row; write it back with `prediction` (a label) and `confidence` (its probability).
 
@@ -331,6 +369,7 @@ def predict(
 
 @app.command()
 @clean_errors
+@loads_runs
 def chat(
     run_dir: Annotated[Path, typer.Argument(help="Run directory from `tinysft train`")],
     base: Annotated[bool, typer.Option("--base", help="Start with the adapter disabled (switch with /tuned)")] = False,
@@ -338,6 +377,9 @@ def chat(
     temperature: Annotated[float, typer.Option(help="0 = greedy (reproducible); e.g. 0.7 to sample")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling when temperature > 0")] = 0.9,
     system: Annotated[str | None, typer.Option(help="System prompt (default: the run's data.system_prompt)")] = None,
+    trust_remote_code: TrustRemoteCode = False,
+    allow_pickle: AllowPickle = False,
+    allow_other_base: AllowOtherBase = False,
 ) -> None:
     """Talk to a run in the terminal; answers stream as they are generated.
 
@@ -378,11 +420,15 @@ def demo(
 
 @app.command()
 @clean_errors
+@loads_runs
 def merge(
     run_dir: Annotated[Path, typer.Argument(help="Run directory from `tinysft train`")],
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the merged model")],
     dtype: Annotated[str, typer.Option(help="Weights as float32, bfloat16 or float16")] = "float32",
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists")] = False,
+    trust_remote_code: TrustRemoteCode = False,
+    allow_pickle: AllowPickle = False,
+    allow_other_base: AllowOtherBase = False,
 ) -> None:
     """Merge the adapter into the base: a plain safetensors folder, verified before it is written.
 
@@ -402,12 +448,16 @@ def merge(
 
 @app.command()
 @clean_errors
+@loads_runs
 def export(
     run_dir: Annotated[Path, typer.Argument(help="Run directory from `tinysft train`")],
     out_file: Annotated[Path, typer.Option("--out", help="Output file, e.g. model.gguf")],
     format_: Annotated[str, typer.Option("--format", help="Output format (gguf)")] = "gguf",
     type_: Annotated[str, typer.Option("--type", help="GGUF tensor type: f16, bf16, q8_0 or f32")] = "f16",
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists")] = False,
+    trust_remote_code: TrustRemoteCode = False,
+    allow_pickle: AllowPickle = False,
+    allow_other_base: AllowOtherBase = False,
 ) -> None:
     """Merge the adapter and write a GGUF file for llama.cpp and friends, verified by reading it back.
 
@@ -429,6 +479,7 @@ def export(
 
 @app.command()
 @clean_errors
+@loads_runs
 def serve(
     run_dir: Annotated[Path, typer.Argument(help="Run directory from `tinysft train`")],
     host: Annotated[str, typer.Option(help="Address to bind; other than loopback exposes the server")] = "127.0.0.1",
@@ -438,6 +489,9 @@ def serve(
     name: Annotated[str | None, typer.Option(help="Model id of the tuned model (default: the run folder's name)")] = None,
     max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for")] = 1024,
     max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt accepted, in tokens")] = 4096,
+    trust_remote_code: TrustRemoteCode = False,
+    allow_pickle: AllowPickle = False,
+    allow_other_base: AllowOtherBase = False,
 ) -> None:
     """OpenAI-compatible server: /v1/models and /v1/chat/completions, base and tuned from one model.
 

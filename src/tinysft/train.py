@@ -47,6 +47,7 @@ from tinysft.data.render import Rendered, RenderError, render, render_problem
 from tinysft.data.validate import DataError, Problem, load_conversations, weight_categories
 from tinysft.files import atomic_save_dir, atomic_write_text
 from tinysft.models.chunked_head import head_cross_entropy, plain_lm_head
+from tinysft.models.identity import base_identity
 from tinysft.models.load import (
     add_lora,
     emulated_on_cpu,
@@ -649,7 +650,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
 
     if is_main:
         cfg.save(run_dir / "config.yaml")
-        write_manifest(run_dir, cfg, model_path, {"train_rows": len(rows), "eval_rows": len(eval_rows)})
+        write_manifest(run_dir, cfg, model_path, {"train_rows": len(rows), "eval_rows": len(eval_rows),
+                                                  "base": base_identity(cfg.model.name, base)})
 
     # Shard micro-batches across processes: every rank builds the same list (same seed) and takes
     # a disjoint, equally long slice, so all ranks run the same number of steps.
