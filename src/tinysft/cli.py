@@ -178,23 +178,31 @@ def models() -> None:
 @clean_errors
 def data_check(
     files: Annotated[list[Path], typer.Argument(help="JSONL files to validate")],
-    model: Annotated[str, typer.Option(help="Model whose tokenizer and chat template measure lengths")] = "smollm2-135m-instruct",
-    max_length: Annotated[int, typer.Option(help="Rows longer than this many tokens are reported as truncated")] = 512,
+    model: Annotated[str | None, typer.Option(help="Model whose tokenizer and chat template measure lengths [default: the config's, else smollm2-135m-instruct]")] = None,
+    max_length: Annotated[int | None, typer.Option(min=1, help="Training truncates rows to this many tokens [default: the config's data.max_length, else 512]")] = None,
     show_mask: Annotated[int, typer.Option("--show-mask", min=0, help="Print N rendered rows, trained tokens highlighted")] = 0,
-    task: Annotated[str, typer.Option(help="sft or classify")] = "sft",
+    task: Annotated[str | None, typer.Option(help="sft or classify [default: the config's train.task, else sft]")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Exact duplicate rows are errors (exit 1), not just counted")] = False,
+    config: Annotated[Path | None, typer.Option(help="Training config: check with its model, data.max_length, data.system_prompt and task")] = None,
 ) -> None:
     """Validate data files and print stats; exit 1 with every problem listed.
 
+    The rows are checked with the trainer's own rules (rendered and truncated as training does), so
+    pass the options you train with (or --config with the training config).
+
     Example: tinysft data check examples/polite-helper/train.jsonl --show-mask 2
     """
+    from tinysft.config import load_config
     from tinysft.data import stats as data_stats
 
+    cfg = load_config(config)  # no file: the defaults, which are training's defaults
+    task = task or cfg.train.task
     if task == "classify":
         report = data_stats.check_labeled([str(f) for f in files], strict=strict)
     else:
-        report = data_stats.check_chat([str(f) for f in files], model=model, max_length=max_length,
-                                       show_mask=show_mask, strict=strict, log=_log)
+        report = data_stats.check_chat([str(f) for f in files], model=model or cfg.model.name,
+                                       max_length=max_length or cfg.data.max_length, show_mask=show_mask,
+                                       strict=strict, system_prompt=cfg.data.system_prompt, log=_log)
     data_stats.print_report(report, out)
 
 

@@ -44,6 +44,7 @@ from tinysft.data.batching import (
 )
 from tinysft.data.formats import Conversation
 from tinysft.data.render import Rendered, RenderError, render, render_problem
+from tinysft.data.rules import check_trainable
 from tinysft.data.validate import DataError, Problem, load_conversations, weight_categories
 from tinysft.files import atomic_save_dir, atomic_write_text
 from tinysft.models.chunked_head import head_cross_entropy, plain_lm_head
@@ -606,7 +607,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
     packing = packing_for(cfg, device)
     if cfg.train.packing == "auto" and not packing:
         say("Padded batches (train.packing auto on a GPU; train.packing=true packs conversations).")
-    rows = render_all(train_convs, tokenizer, cfg.data.max_length, cfg.data.system_prompt)
+    rows = check_trainable(train_convs, tokenizer, max_length=cfg.data.max_length, system_prompt=cfg.data.system_prompt)
     eval_rows = render_all(eval_convs, tokenizer, cfg.data.max_length, cfg.data.system_prompt) if eval_convs else []
     in_batch = cfg.train.preference_weight > 0 and cfg.train.preference_in_batch
     if in_batch:  # each paired row carries its rejected answer; no pair pool
