@@ -247,13 +247,14 @@ def _read_csv(raw: bytes, name: str, problems: list[Problem]) -> list[tuple[int,
         return []
     rows: list[tuple[int, Any]] = []
     while True:  # one bad row is listed, and the rows after it are still read
+        start = reader.line_num + 1  # the line the next record starts on
         try:
             row = next(reader)
         except StopIteration:
             break
         except csv.Error as e:
             too_big = "field larger than field limit" in str(e)
-            problems.append(Problem(name, reader.line_num, "(cell)" if too_big else "(line)",
+            problems.append(Problem(name, start, "(cell)" if too_big else "(line)",
                                     f"has a cell over {MAX_LINE_BYTES // 1_000_000} MB" if too_big
                                     else f"is not valid CSV ({e})",
                                     "split the document into smaller rows" if too_big else "fix the quoting on this line"))
