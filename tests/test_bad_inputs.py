@@ -216,6 +216,15 @@ def other_base_same_shapes(ctx: Ctx) -> None:
     _edit_run_config(_copy_run(ctx), name=str(other))
 
 
+def base_is_an_earlier_merge(ctx: Ctx) -> None:
+    """The run's base is itself a merged model tinysft wrote (marked): merging over it would destroy the input."""
+    from tinysft.files import mark_output
+
+    shutil.copytree(ctx.tiny, ctx.tmp / "base")
+    mark_output(ctx.tmp / "base", "merge")
+    _edit_run_config(_copy_run(ctx), name=str(ctx.tmp / "base"))
+
+
 def run_config_with_tab(ctx: Ctx) -> None:
     run = _copy_run(ctx)
     text = (run / "config.yaml").read_text().splitlines(keepends=True)
@@ -240,10 +249,11 @@ SETUPS: dict[str, Callable[[Ctx], None]] = {f.__name__: f for f in (
     big_line, truncated_model, pickle_model, fake_gguf, truncated_gguf, foreign_run, truncated_adapter,
     pickle_adapter, unfinished_run, non_empty_folder, existing_gguf, file_blocker, runs_folder,
     marked_merge_with_user_file, marked_run_as_merge_target, copied_prompts, user_answers, user_report,
-    pickle_adapter_allowed_by_run, other_base_same_shapes, run_config_with_tab, csv_long_documents)}
+    pickle_adapter_allowed_by_run, other_base_same_shapes, run_config_with_tab, csv_long_documents,
+    base_is_an_earlier_merge)}
 RUN_SETUPS = {"foreign_run", "truncated_adapter", "pickle_adapter", "unfinished_run", "runs_folder",
               "marked_run_as_merge_target", "pickle_adapter_allowed_by_run", "other_base_same_shapes",
-              "run_config_with_tab"}  # copy the finished run
+              "run_config_with_tab", "base_is_an_earlier_merge"}  # copy the finished run
 
 
 # ---- a full disk, as each library reports it ----------------------------------------------------

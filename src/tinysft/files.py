@@ -131,11 +131,16 @@ def is_run(folder: Path) -> bool:
     return (folder / "config.yaml").is_file() and ((folder / "adapter").is_dir() or (folder / "checkpoints").is_dir())
 
 
-def contains_run(folder: Path) -> Path | None:
-    """A training run somewhere below ``folder`` (not ``folder`` itself), or None."""
-    for config in folder.rglob("config.yaml"):
-        if config.parent != folder and is_run(config.parent):
-            return config.parent
+def contains_run(folder: Path, max_depth: int | None = None) -> Path | None:
+    """A training run below ``folder`` (not ``folder`` itself; at most ``max_depth`` levels down), or None."""
+    level = [folder]
+    depth = 0
+    while level and (max_depth is None or depth < max_depth):
+        depth += 1
+        level = [p for d in level for p in sorted(d.iterdir()) if p.is_dir() and not p.is_symlink()]
+        found = next((p for p in level if is_run(p)), None)
+        if found is not None:
+            return found
     return None
 
 
@@ -187,10 +192,12 @@ def check_replaceable(path: str | Path, *, protected: list[Path] | tuple[Path, .
         return
     if not any(path.iterdir()):
         return  # an empty folder: nothing to lose
-    run = contains_run(path)
+    marker = _read_json(path / OUTPUT_MARKER)
+    # Unmarked folders are refused without walking them (`--out ~ --force` must answer at once);
+    # a shallow look only makes the message name a run the user is about to lose.
+    run = contains_run(path, max_depth=None if marker else 2)
     if run is not None:
         raise OutputError(f"{path}: refusing to replace it: it contains the training run {run} — {fix}.")
-    marker = _read_json(path / OUTPUT_MARKER)
     if not marker:
         raise OutputError(f"{path}: refusing to replace it: tinysft did not create this folder (no {OUTPUT_MARKER} "
                           f"marker), and --force only replaces tinysft's own outputs — {fix}.")
