@@ -150,10 +150,110 @@ def file_blocker(ctx: Ctx) -> None:
     (ctx.tmp / "blocker").write_text("a regular file where the output's folder should be\n")
 
 
+def runs_folder(ctx: Ctx) -> None:
+    """{tmp}/runs: two of the user's runs and a notes file (what `--out runs --force` must never delete)."""
+    for name in ("a", "b"):
+        shutil.copytree(ctx.run, ctx.tmp / "runs" / name)
+    (ctx.tmp / "runs" / "notes.txt").write_text("which run was best\n")
+
+
+def marked_merge_with_user_file(ctx: Ctx) -> None:
+    """A merged-model folder tinysft wrote, into which the user then saved a file of their own."""
+    from tinysft.files import mark_output
+
+    merged = ctx.tmp / "merged"
+    merged.mkdir()
+    (merged / "model.safetensors").write_bytes(b"weights")
+    mark_output(merged, "merge")
+    (merged / "my-eval-notes.md").write_text("the user's notes\n")
+
+
+def marked_run_as_merge_target(ctx: Ctx) -> None:
+    """A folder tinysft marked as a run (not a merged model): merge --force must not replace it."""
+    from tinysft.files import mark_output
+
+    run = _copy_run(ctx)
+    mark_output(run, "run")
+
+
+def copied_prompts(ctx: Ctx) -> None:
+    shutil.copy(INPUTS / "no_assistant.jsonl", ctx.tmp / "prompts.jsonl")
+
+
+def user_answers(ctx: Ctx) -> None:
+    (ctx.tmp / "answers.jsonl").write_text('{"note": "answers I wrote by hand"}\n')
+
+
+def user_report(ctx: Ctx) -> None:
+    (ctx.tmp / "report").mkdir()
+    (ctx.tmp / "report" / "report.md").write_text("# my own report\n")
+
+
+def pickle_adapter_allowed_by_run(ctx: Ctx) -> None:
+    """A run whose own config.yaml says model.allow_pickle: true, with a pickle adapter."""
+    pickle_adapter(ctx)
+    _edit_run_config(ctx.tmp / "run", allow_pickle=True, trust_remote_code=True)
+
+
+def _edit_run_config(run: Path, **model: Any) -> None:
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["model"].update(model)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+def other_base_same_shapes(ctx: Ctx) -> None:
+    """The run's config now names another base with the same shapes (other weights): no size mismatch."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    other = ctx.tmp / "other-base"
+    shutil.copytree(ctx.tiny, other)
+    model = AutoModelForCausalLM.from_pretrained(ctx.tiny)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.01)
+    model.save_pretrained(other)
+    _edit_run_config(_copy_run(ctx), name=str(other))
+
+
+def base_is_an_earlier_merge(ctx: Ctx) -> None:
+    """The run's base is itself a merged model tinysft wrote (marked): merging over it would destroy the input."""
+    from tinysft.files import mark_output
+
+    shutil.copytree(ctx.tiny, ctx.tmp / "base")
+    mark_output(ctx.tmp / "base", "merge")
+    _edit_run_config(_copy_run(ctx), name=str(ctx.tmp / "base"))
+
+
+def run_config_with_tab(ctx: Ctx) -> None:
+    run = _copy_run(ctx)
+    text = (run / "config.yaml").read_text().splitlines(keepends=True)
+    text[2] = "\t" + text[2].lstrip(" ")
+    (run / "config.yaml").write_text("".join(text))
+
+
+def csv_long_documents(ctx: Ctx) -> None:
+    """Classification rows whose text cells are 300 KB (over Python's 128 KiB csv default), and one over 8 MB."""
+    with (ctx.tmp / "long.csv").open("w") as f:
+        f.write("text,label\n")
+        f.write(f'"{"a long report. " * 20_000}",business\n')
+        f.write(f'"{"a long match report. " * 15_000}",sport\n')
+        f.write("short,sport\n")
+    with (ctx.tmp / "huge.csv").open("w") as f:
+        f.write("text,label\nshort,sport\n")
+        f.write(f'"{"x" * 9_000_000}",business\n')
+        f.write("a,\n")  # a later bad row is still listed
+
+
 SETUPS: dict[str, Callable[[Ctx], None]] = {f.__name__: f for f in (
     big_line, truncated_model, pickle_model, fake_gguf, truncated_gguf, foreign_run, truncated_adapter,
-    pickle_adapter, unfinished_run, non_empty_folder, existing_gguf, file_blocker)}
-RUN_SETUPS = {"foreign_run", "truncated_adapter", "pickle_adapter", "unfinished_run"}  # copy the finished run
+    pickle_adapter, unfinished_run, non_empty_folder, existing_gguf, file_blocker, runs_folder,
+    marked_merge_with_user_file, marked_run_as_merge_target, copied_prompts, user_answers, user_report,
+    pickle_adapter_allowed_by_run, other_base_same_shapes, run_config_with_tab, csv_long_documents,
+    base_is_an_earlier_merge)}
+RUN_SETUPS = {"foreign_run", "truncated_adapter", "pickle_adapter", "unfinished_run", "runs_folder",
+              "marked_run_as_merge_target", "pickle_adapter_allowed_by_run", "other_base_same_shapes",
+              "run_config_with_tab", "base_is_an_earlier_merge"}  # copy the finished run
 
 
 # ---- a full disk, as each library reports it ----------------------------------------------------
@@ -231,6 +331,7 @@ def test_bad_input(case: dict[str, Any], tmp_path: Path, tiny_model_dir: Path, r
     if case.get("patch"):
         PATCHES[case["patch"]](monkeypatch, ctx)
     run_before = sorted(p.name for p in ctx.run.rglob("*")) if uses_run else []
+    tree_before = tree(tmp_path), tree(INPUTS)
 
     result = invoke([ctx.fill(str(a)) for a in case["args"]])
     monkeypatch.undo()
@@ -256,6 +357,17 @@ def test_bad_input(case: dict[str, Any], tmp_path: Path, tiny_model_dir: Path, r
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name], "temporary files left behind"
     if uses_run:
         assert sorted(p.name for p in ctx.run.rglob("*")) == run_before, "the shared run was modified"
+    after = tree(tmp_path), tree(INPUTS)
+    if case["exit"] != 0:  # a refused command changes nothing: every file as it was, nothing new
+        assert after == tree_before, f"files changed: {set(after[0].items()) ^ set(tree_before[0].items())}"
+    else:  # an accepted one may add its output, but changes no existing file
+        assert all(after[0].get(k) == v for k, v in tree_before[0].items()) and after[1] == tree_before[1]
+
+
+def tree(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``root`` (the GGUF conversion cache under home/ aside): relative path -> (size, mtime)."""
+    return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")
+            if p.is_file() and not p.relative_to(root).as_posix().startswith("home/")}
 
 
 # ---- beyond one command ------------------------------------------------------------------------------

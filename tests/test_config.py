@@ -65,3 +65,13 @@ def test_category_weights_from_yaml_and_from_set(tmp_path: Path) -> None:
     assert cfg.data.file_weights == {"more.jsonl": 0.4, "C:/data/x.jsonl": 2.0}  # the last ':' splits
     cfg.save(tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_a_saved_run_with_removed_keys_at_their_off_values_still_loads(tmp_path: Path) -> None:
+    """config.yaml of runs made before the answer-start and in-batch experiments were removed."""
+    old = tmp_path / "config.yaml"
+    old.write_text("train:\n  answer_start_tokens: 0\n  answer_start_weight: 1.0\n  preference_in_batch: false\n")
+    assert load_config(old).train.epochs == 3.0
+    old.write_text("train:\n  answer_start_tokens: 3\n")
+    with pytest.raises(ConfigError, match="answer_start_tokens was removed"):
+        load_config(old)

@@ -79,7 +79,8 @@ def test_report_files_from_hand_made_rows(tmp_path: Path) -> None:
     (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 3 - s / 10}) + "\n" for s in range(1, 11))
                                        + json.dumps({"step": 10, "eval_loss": 2.5}) + "\n")
     paths = write_report(comp, tmp_path / "out", run_dir=run, config={"model": {"name": "tiny"}}, manifest={"seed": 1})
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["report.html", "report.json", "report.md"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".tinysft-files", "report.html", "report.json",
+                                                                    "report.md"]  # the record: tinysft wrote them
 
     data = json.loads(paths["json"].read_text())
     assert data["metrics"]["base"]["refusal_rate_harmful"] == 0.0 and data["metrics"]["tuned"]["refusal_rate_harmful"] == 1.0

@@ -35,7 +35,7 @@ def test_a_tracker_that_is_not_installed_is_a_config_error_naming_the_package(tm
     data = write_jsonl(tmp_path / "train.jsonl", CHAT_ROWS)
     cfg = load_config(None, parse_overrides([f"model.name={tiny_model_dir}", f"data.train={data}",
                                              "train.report_to=wandb"]))
-    with pytest.raises(ConfigError, match="needs the wandb package.*pip install wandb"):
+    with pytest.raises(ConfigError, match=r"needs the wandb package.*pip install wandb"):
         train(cfg, tmp_path / "run", show_progress=False, log=lambda m: None)
 
 

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from tinysft.files import atomic_write_text
+from tinysft.files import check_replaceable, write_output_text
 
 # Quiet the libraries' own progress bars and deprecation chatter; tinysft prints its own progress.
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -43,11 +43,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from tinysft.data.formats import RowProblem
     from tinysft.data.render import RenderError
     from tinysft.data.validate import DataError
+    from tinysft.files import OutputError
     from tinysft.models.registry import ModelError
     from tinysft.training import TrainError
     from tinysft.votes import VotesError
 
-    return (ConfigError, DataError, RenderError, RowProblem, ModelError, TrainError, FileNotFoundError,
+    return (ConfigError, DataError, RenderError, RowProblem, ModelError, TrainError, OutputError, FileNotFoundError,
             PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError, VotesError)
 
 
@@ -127,6 +128,32 @@ def _log(msg: str) -> None:
     err.print(msg, highlight=False, markup=False)
 
 
+# Commands that load a run folder. What loading may do beyond reading safetensors and JSON is granted
+# here, on the command line, and never by the run folder's config.yaml (docs/security.md).
+TrustRemoteCode = Annotated[bool, typer.Option(
+    "--trust-remote-code", help="Run Python code shipped with the run's base model (only for models you trust)")]
+AllowPickle = Annotated[bool, typer.Option(
+    "--allow-pickle", help="Load pickle (.bin/.pt) weights, which can run code (only for files you trust)")]
+AllowOtherBase = Annotated[bool, typer.Option(
+    "--allow-other-base", help="Load the adapter on a base other than the one it was trained on")]
+
+
+def loads_runs(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator: grant the command's --trust-remote-code / --allow-pickle / --allow-other-base to the
+    run folders it loads (models.load.run_permissions)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from tinysft.models.load import RunPermissions, run_permissions
+
+        granted = RunPermissions(**{k: bool(kwargs.get(k, False))
+                                    for k in ("trust_remote_code", "allow_pickle", "allow_other_base")})
+        with run_permissions(granted):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 # ------------------------------------------------------------------------------------------------
 @app.command()
 @clean_errors
@@ -152,23 +179,31 @@ def models() -> None:
 @clean_errors
 def data_check(
     files: Annotated[list[Path], typer.Argument(help="JSONL files to validate")],
-    model: Annotated[str, typer.Option(help="Model whose tokenizer and chat template measure lengths")] = "smollm2-135m-instruct",
-    max_length: Annotated[int, typer.Option(help="Rows longer than this many tokens are reported as truncated")] = 512,
+    model: Annotated[str | None, typer.Option(help="Model whose tokenizer and chat template measure lengths [default: the config's, else smollm2-135m-instruct]")] = None,
+    max_length: Annotated[int | None, typer.Option(min=1, help="Training truncates rows to this many tokens [default: the config's data.max_length, else 512]")] = None,
     show_mask: Annotated[int, typer.Option("--show-mask", min=0, help="Print N rendered rows, trained tokens highlighted")] = 0,
-    task: Annotated[str, typer.Option(help="sft or classify")] = "sft",
+    task: Annotated[str | None, typer.Option(help="sft or classify [default: the config's train.task, else sft]")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Exact duplicate rows are errors (exit 1), not just counted")] = False,
+    config: Annotated[Path | None, typer.Option(help="Training config: check with its model, data.max_length, data.system_prompt and task")] = None,
 ) -> None:
     """Validate data files and print stats; exit 1 with every problem listed.
 
+    The rows are checked with the trainer's own rules (rendered and truncated as training does), so
+    pass the options you train with (or --config with the training config).
+
     Example: tinysft data check examples/polite-helper/train.jsonl --show-mask 2
     """
+    from tinysft.config import load_config
     from tinysft.data import stats as data_stats
 
+    cfg = load_config(config)  # no file: the defaults, which are training's defaults
+    task = task or cfg.train.task
     if task == "classify":
         report = data_stats.check_labeled([str(f) for f in files], strict=strict)
     else:
-        report = data_stats.check_chat([str(f) for f in files], tokenizer=tokenizer_loader(model),
-                                       max_length=max_length, show_mask=show_mask, strict=strict)
+        report = data_stats.check_chat([str(f) for f in files], tokenizer=tokenizer_loader(model or cfg.model.name),
+                                       max_length=max_length or cfg.data.max_length, show_mask=show_mask,
+                                       strict=strict, system_prompt=cfg.data.system_prompt)
     data_stats.print_report(report, out)
 
 
@@ -234,6 +269,7 @@ def train_cmd(
 
 @app.command()
 @clean_errors
+@loads_runs
 def generate(
     run_dir: Annotated[Path, typer.Argument(help="Run directory from `tinysft train`")],
     prompts: Annotated[Path, typer.Option(help="JSONL rows with `prompt` or `messages`")],
@@ -241,6 +277,9 @@ def generate(
     base: Annotated[bool, typer.Option("--base", help="Answer with the adapter disabled")] = False,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest answer in tokens")] = 160,
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts generated together")] = 16,
+    trust_remote_code: TrustRemoteCode = False,
+    allow_pickle: AllowPickle = False,
+    allow_other_base: AllowOtherBase = False,
 ) -> None:
     """Answer a file of prompts in batches; write each row back with a `response` field.
 
@@ -252,6 +291,7 @@ def generate(
     from tinysft.evaluate.generate import generate_rows
     from tinysft.models.load import load_run
 
+    check_replaceable(out_file, protected=[prompts])  # before the work: never the input, never the user's file
     rows = load_prompts([str(prompts)])
     raw = [r for _, r in read_rows(prompts, [])]
     loaded = load_run(run_dir, log=_log)
@@ -261,12 +301,13 @@ def generate(
                                 batch_size=batch_size, system_prompt=loaded.config.data.system_prompt,
                                 on_batch=lambda n: bar.advance(task, n))
     text = "".join(json.dumps({**r, "response": a}, ensure_ascii=False) + "\n" for r, a in zip(raw, answers, strict=True))
-    atomic_write_text(out_file, text)
+    write_output_text(out_file, text, kind="answers", protected=[prompts])
     out.print(f"Wrote {len(answers)} answers to {out_file}")
 
 
 @app.command("eval")
 @clean_errors
+@loads_runs
 def eval_cmd(
     run_dir: Annotated[Path, typer.Argument(help="Run directory from `tinysft train`")],
     prompts: Annotated[list[Path] | None, typer.Option(help="Prompt JSONL file(s) (chat runs)")] = None,
@@ -278,6 +319,9 @@ def eval_cmd(
     forgetting: Annotated[bool, typer.Option(
         "--forgetting/--no-forgetting", help="Score the shipped general-knowledge set before/after")] = True,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Prompts generated together (default: the run's eval.batch_size)")] = None,
+    trust_remote_code: TrustRemoteCode = False,
+    allow_pickle: AllowPickle = False,
+    allow_other_base: AllowOtherBase = False,
 ) -> None:
     """Before/after report: base (adapter off) vs tuned (adapter on) on the same prompts.
 
@@ -293,6 +337,8 @@ def eval_cmd(
         raise ModelError(f"{run_dir}: not a tinysft run directory (no config.yaml) — pass the folder `tinysft train --out` wrote.")
     cfg = load_config(run_dir / "config.yaml")
     target = out_dir or run_dir
+    for name in ("report.json", "report.md", "report.html"):  # refuse before the work, not after it
+        check_replaceable(target / name, protected=[*(prompts or []), *(data or [])])
     if cfg.train.task == "classify":
         from tinysft.evaluate.classification import evaluate_classifier
 
@@ -319,11 +365,15 @@ def eval_cmd(
 
 @app.command()
 @clean_errors
+@loads_runs
 def predict(
     run_dir: Annotated[Path, typer.Argument(help="Classification run directory from `tinysft train --task classify`")],
     data: Annotated[Path, typer.Option(help="JSONL/CSV rows with `text` (or `question`); a label is optional")],
     out_file: Annotated[Path, typer.Option("--out", help="Output JSONL (each input row + `prediction`, `confidence`)")],
     base: Annotated[bool, typer.Option("--base", help="Predict with the adapter and trained head disabled")] = False,
+    trust_remote_code: TrustRemoteCode = False,
+    allow_pickle: AllowPickle = False,
+    allow_other_base: AllowOtherBase = False,
 ) -> None:
     """Classify each row; write it back with `prediction` (a label) and `confidence` (its probability).
 
@@ -331,14 +381,17 @@ def predict(
     """
     from tinysft.evaluate.classification import predict_rows
 
+    check_replaceable(out_file, protected=[data])
     rows, accuracy = predict_rows(run_dir, data, tuned=not base, log=_log)
-    atomic_write_text(out_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_output_text(out_file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), kind="predictions",
+                      protected=[data])
     note = f" (accuracy {accuracy:.3f} against the rows' labels)" if accuracy is not None else ""
     out.print(f"Wrote {len(rows)} predictions to {out_file}{note}")
 
 
 @app.command()
 @clean_errors
+@loads_runs
 def chat(
     run_dir: Annotated[Path, typer.Argument(help="Run directory from `tinysft train`")],
     base: Annotated[bool, typer.Option("--base", help="Start with the adapter disabled (switch with /tuned)")] = False,
@@ -346,6 +399,9 @@ def chat(
     temperature: Annotated[float, typer.Option(help="0 = greedy (reproducible); e.g. 0.7 to sample")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling when temperature > 0")] = 0.9,
     system: Annotated[str | None, typer.Option(help="System prompt (default: the run's data.system_prompt)")] = None,
+    trust_remote_code: TrustRemoteCode = False,
+    allow_pickle: AllowPickle = False,
+    allow_other_base: AllowOtherBase = False,
 ) -> None:
     """Talk to a run in the terminal; answers stream as they are generated.
 
@@ -386,11 +442,15 @@ def demo(
 
 @app.command()
 @clean_errors
+@loads_runs
 def merge(
     run_dir: Annotated[Path, typer.Argument(help="Run directory from `tinysft train`")],
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the merged model")],
     dtype: Annotated[str, typer.Option(help="Weights as float32, bfloat16 or float16")] = "float32",
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists")] = False,
+    trust_remote_code: TrustRemoteCode = False,
+    allow_pickle: AllowPickle = False,
+    allow_other_base: AllowOtherBase = False,
 ) -> None:
     """Merge the adapter into the base: a plain safetensors folder, verified before it is written.
 
@@ -410,12 +470,16 @@ def merge(
 
 @app.command()
 @clean_errors
+@loads_runs
 def export(
     run_dir: Annotated[Path, typer.Argument(help="Run directory from `tinysft train`")],
     out_file: Annotated[Path, typer.Option("--out", help="Output file, e.g. model.gguf")],
     format_: Annotated[str, typer.Option("--format", help="Output format (gguf)")] = "gguf",
     type_: Annotated[str, typer.Option("--type", help="GGUF tensor type: f16, bf16, q8_0 or f32")] = "f16",
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists")] = False,
+    trust_remote_code: TrustRemoteCode = False,
+    allow_pickle: AllowPickle = False,
+    allow_other_base: AllowOtherBase = False,
 ) -> None:
     """Merge the adapter and write a GGUF file for llama.cpp and friends, verified by reading it back.
 
@@ -437,6 +501,7 @@ def export(
 
 @app.command()
 @clean_errors
+@loads_runs
 def serve(
     run_dir: Annotated[Path, typer.Argument(help="Run directory from `tinysft train`")],
     host: Annotated[str, typer.Option(help="Address to bind; other than loopback exposes the server")] = "127.0.0.1",
@@ -446,6 +511,9 @@ def serve(
     name: Annotated[str | None, typer.Option(help="Model id of the tuned model (default: the run folder's name)")] = None,
     max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for")] = 1024,
     max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt accepted, in tokens")] = 4096,
+    trust_remote_code: TrustRemoteCode = False,
+    allow_pickle: AllowPickle = False,
+    allow_other_base: AllowOtherBase = False,
 ) -> None:
     """OpenAI-compatible server: /v1/models and /v1/chat/completions, base and tuned from one model.
 

@@ -321,11 +321,22 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
+# Keys of experiments that measured worse and were removed (docs/recipe.md), with their "off"
+# values: a saved run's config.yaml still holds them, and loads as long as they are off.
+REMOVED = {"train.answer_start_tokens": 0, "train.answer_start_weight": 1.0, "train.preference_in_batch": False}
+
+
 def _build(cls: type, values: dict[str, Any], section: str) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
+        removed = f"{section}.{key}"
+        if removed in REMOVED:
+            if str(value).lower() != str(REMOVED[removed]).lower() and value != REMOVED[removed]:
+                raise ConfigError(f"{removed} was removed (it measured worse; docs/recipe.md); delete it from the "
+                                  "config to train without it.")
+            continue
         if key not in known:
             raise ConfigError(f"unknown key '{section}.{key}'.{_did_you_mean(key, known)}")
         kwargs[key] = _coerce(value, hints[key], f"{section}.{key}")
@@ -359,8 +370,10 @@ def load_config(
             raise ConfigError(f"{path}: config file not found — check the path.")
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]}) — fix the syntax.") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}) — re-save the config as UTF-8.") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(yaml_error_message(path, e)) from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (model, lora, data, train, eval).")
         for section, values in raw.items():
@@ -382,6 +395,33 @@ def load_config(
     except ConfigError as e:
         where = f"{path}: " if path is not None and not str(e).startswith(str(path)) else ""
         raise ConfigError(f"{where}{e}") from None
+
+
+# PyYAML's problem texts -> the cause in words, and what to do about it.
+_YAML_CAUSES = {
+    "found character '\\t' that cannot start any token": (
+        "a tab character in the indentation", "YAML indents with spaces only: replace the tab with spaces"),
+    "mapping values are not allowed here": (
+        "a ':' where no 'key: value' can start (the line is indented more than its neighbours, or a value "
+        "holds ': ')", "line the key up with the keys around it, or quote the value"),
+    "could not find expected ':'": ("a line without 'key: value' inside a mapping", "write 'key: value'"),
+    "found unexpected end of stream": ("the file ends inside a quoted string", "close the quote"),
+    "expected ',' or ']', but got '<stream end>'": ("a list opened with '[' is never closed", "close it with ']'"),
+    "expected ',' or '}', but got '<stream end>'": ("a mapping opened with '{' is never closed", "close it with '}'"),
+}
+
+
+def yaml_error_message(path: Path, error: Exception) -> str:
+    """``FILE:LINE:COLUMN: not valid YAML: <the cause in words> — <the fix>`` (1-based line and column)."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = str(getattr(error, "problem", None) or str(error).splitlines()[0])
+    cause, fix = _YAML_CAUSES.get(problem, (problem.replace("'\\t'", "a tab"), "fix the syntax at that position"))
+    lines = (getattr(mark, "buffer", None) or "").splitlines()
+    line = lines[mark.line] if mark is not None and mark.line < len(lines) else ""
+    if "\t" in line[: len(line) - len(line.lstrip())] and "tab" not in cause:
+        cause += " (this line is indented with a tab: YAML indents with spaces only)"
+    return f"{where}: not valid YAML: {cause} — {fix}."
 
 
 def _resolve_paths(value: Any, base: Path) -> Any:

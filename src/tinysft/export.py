@@ -27,8 +27,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import yaml
 
 from tinysft.data.render import render_prompt
+from tinysft.files import check_replaceable, replace_output
 from tinysft.models.load import HUB_KERNELS_OFF, load_run
 from tinysft.models.registry import ModelError
 
@@ -143,21 +145,27 @@ def merged_model(run_dir: str | Path, log: Callable[[str], None] = print) -> _Me
 
 
 def _check_out(out: Path, run_dir: Path, force: bool) -> None:
+    """Refuse, before any work, an output that would land in the run or replace what is not tinysft's.
+
+    ``--force`` replaces only an output tinysft itself wrote (``files.check_replaceable``): never a
+    folder that holds the run, another run, or files the user put there.
+    """
     if out.resolve() == run_dir.resolve() or run_dir.resolve() in out.resolve().parents:
         raise ExportError(f"{out}: choose an output outside the run directory {run_dir}.")
-    if out.exists() and not force:
+    if (out.exists() or out.is_symlink()) and not force:
         raise ExportError(f"{out} already exists — choose another --out, or pass --force to replace it.")
+    check_replaceable(out, protected=inputs_of(run_dir))
 
 
-def _replace(tmp: Path, target: Path) -> None:
-    """Move a verified temporary file or folder into place (replacing an old one only now)."""
-    if target.is_dir() and not target.is_symlink():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, target)
+def inputs_of(run_dir: Path) -> list[Path]:
+    """What a merge or export reads, so it may never replace it: the run, and its base model's
+    folder or file when that is local (a base that is itself an earlier merge is marked as one)."""
+    out = [run_dir]
+    try:
+        name = Path(yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))["model"]["name"])
+    except Exception:  # an unreadable config is reported when the run loads
+        return out
+    return [*out, name] if name.exists() else out
 
 
 def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: SaveDtype = "float32", force: bool = False,
@@ -192,7 +200,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: SaveDtype = "f
         (tmp / "tinysft-merge.json").write_text(json.dumps(
             {"run_dir": str(run_dir), "base_model": m.config.model.name,
              **{k: v for k, v in asdict(report).items() if k != "out"}}, indent=2))
-        _replace(tmp, out_dir)
+        replace_output(tmp, out_dir, kind="merge", protected=inputs_of(run_dir))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report
@@ -446,7 +454,7 @@ def export_gguf(run_dir: str | Path, out_file: str | Path, *, gguf_type: GgufTyp
         if agreement < min_agreement:
             raise ExportError(f"{out_file}: greedy outputs of the GGUF agree with the merged model on only "
                               f"{agreement:.0%} of tokens (minimum {min_agreement:.0%}); nothing written.")
-        os.replace(tmp, out_file)
+        replace_output(tmp, out_file, kind="gguf", protected=inputs_of(run_dir))
     finally:
         tmp.unlink(missing_ok=True)
     return GgufReport(out_file, gguf_type, out_file.stat().st_size, m.max_logit_diff, worst, logit_diff,

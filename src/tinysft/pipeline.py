@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tinysft.evaluate.compare import Comparison
-from tinysft.files import atomic_write_text
+from tinysft.files import atomic_write_text, check_replaceable, mark_output
 
 
 def default_forgetting_set() -> Path:
@@ -122,6 +122,7 @@ def run_demo(example_dir: Path, out_dir: Path, *, quick: bool = False,
         manifest = out_dir / "manifest.json"
         if not (manifest.is_file() and json.loads(manifest.read_text()).get("demo")):
             raise TrainError(f"{out_dir} exists and is not a previous demo run; choose another --out.")
+        check_replaceable(out_dir, kind="run", protected=[example_dir])  # only what tinysft wrote there
         shutil.rmtree(out_dir)  # a previous demo: start afresh
     log("[1/4] Embedded model")
     ensure_embedded(DEFAULT_CAUSAL, log=log)
@@ -146,3 +147,4 @@ def _mark_demo(run_dir: Path) -> None:
     data = json.loads(path.read_text())
     data["demo"] = True
     atomic_write_text(path, json.dumps(data, indent=2))
+    mark_output(run_dir, "run")

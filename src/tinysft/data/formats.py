@@ -178,6 +178,9 @@ def to_conversation(row: Any, source: str = "") -> Conversation:
         if not alternatives or not all(isinstance(a, str) and a.strip() for a in alternatives):
             raise RowProblem("rejected", f"must be a non-empty string or a list of them, got {json_type(rejected)!s}",
                              'write "rejected": "<an answer the model should not give>" (or a list of such answers)')
+        if not messages:
+            raise RowProblem("messages", "is empty, so `rejected` has no answer to be the alternative to",
+                             "add the user message and the chosen assistant answer, or drop the row")
         if messages[-1]["role"] != "assistant":
             raise RowProblem("rejected", "needs the conversation to end with an assistant answer",
                              "end the row with the answer that `rejected` is the alternative to")

@@ -7,11 +7,14 @@ role headers) is context only.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from tinysft.data.formats import Conversation, Message
 from tinysft.data.validate import DataError, Problem
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class RenderError(ValueError):
@@ -72,6 +75,13 @@ def render(conv: Conversation | list[Message], tokenizer: Any, max_length: int |
     source = conv.source if isinstance(conv, Conversation) else ""
     if system_prompt and messages and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}, *messages]
+    if not messages:
+        raise RenderError(f"{source}: the conversation is empty — add a user message and the assistant's answer.")
+    if messages[0]["role"] == "assistant":  # the template cannot render the empty prompt before it
+        raise RenderError(f"{source}: the conversation starts with an assistant turn — start it with a user message.")
+    if any(_SURROGATE.search(m["content"]) for m in messages):  # no tokenizer can encode one
+        raise RenderError(f"{source}: a message holds a lone UTF-16 surrogate (half of an escaped emoji) — write "
+                          "the character itself, or both halves of its escape.")
     full = _template(tokenizer, messages, add_generation_prompt=False)
     spans: list[tuple[int, int]] = []
     for i, m in enumerate(messages):

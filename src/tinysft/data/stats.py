@@ -8,8 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tinysft.data.render import RenderError, render, render_problem
 from tinysft.data.render import show_mask as render_mask
+from tinysft.data.rules import check_trainable, require_two_labels
 from tinysft.data.validate import (
     DataError,
     DataStats,
@@ -33,10 +33,12 @@ class CheckReport:
 
 
 def check_chat(files: list[str], *, tokenizer: Callable[[], Any] | None = None, max_length: int = 512,
-               show_mask: int = 0, strict: bool = False) -> CheckReport:
-    """Validate chat files (raises DataError), then measure with the tokenizer if given.
+               show_mask: int = 0, strict: bool = False, system_prompt: str | None = None) -> CheckReport:
+    """Validate chat files (raises DataError), then, with the tokenizer if given, apply the
+    trainer's row rules (``rules.check_trainable``: rendered and truncated to ``max_length`` as in
+    training) and measure. Token counts are after truncation (what training sees).
 
-    ``tokenizer`` is a function that returns one (the caller loads it, data/ loads no model),
+    ``tokenizer`` is a function that returns one (the caller loads it: data/ loads no model),
     called only once the files are valid, so data errors come before any model download.
 
     Exact duplicate rows are reported in the stats; with ``strict`` they are errors.
@@ -48,21 +50,14 @@ def check_chat(files: list[str], *, tokenizer: Callable[[], Any] | None = None, 
     if tokenizer is None:
         return report
     tokenizer = tokenizer()
-    problems = []
-    for c in convs:
-        try:
-            r = render(c, tokenizer, None)
-        except RenderError as e:
-            problems.append(render_problem(c, "messages", e))
-            continue
+    # The trainer's own rules, with its options: what passes here, trains.
+    for c, r in zip(convs, check_trainable(convs, tokenizer, max_length=max_length, system_prompt=system_prompt),
+                    strict=True):
         report.token_lengths.append(len(r.input_ids))
         report.trained_tokens.append(r.n_trained)
-        if len(r.input_ids) > max_length:
-            report.truncated += 1
+        report.truncated += r.truncated
         if len(report.masks) < show_mask:
             report.masks.append((c.source, render_mask(r, tokenizer)))
-    if problems:
-        raise DataError(problems)
     return report
 
 
@@ -74,9 +69,11 @@ def _refuse_duplicates(stats: DataStats | None) -> None:
 
 
 def check_labeled(files: list[str], strict: bool = False) -> CheckReport:
-    """Validate classification files (raises DataError); with ``strict``, duplicate texts are errors."""
+    """Validate classification files (raises DataError; a single class too, as training does);
+    with ``strict``, duplicate texts are errors."""
     rows = load_labeled(files)
     report = CheckReport(files, labels=Counter(r.label for r in rows))
+    require_two_labels(sorted(report.labels), files)  # the trainer's rule
     report.stats = DataStats(rows=len(rows))
     seen: dict[str, str] = {}
     for r in rows:

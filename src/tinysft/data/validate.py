@@ -75,7 +75,13 @@ def read_rows(path: str | Path, problems: list[Problem]) -> list[tuple[int, Any]
             "add one JSON object per line"
         problems.append(Problem(name, None, "(file)", "is empty", fix))
         return []
-    if b"\x00" in raw[:4096]:
+    utf16 = _wide_encoding(raw)
+    if utf16:
+        problems.append(Problem(name, None, "(file)", f"is {utf16} text, not UTF-8",
+                                f"convert it, e.g. iconv -f {utf16.split()[0]} -t UTF-8 {path.name} > {path.stem}-utf8"
+                                f"{path.suffix} (or re-save it as UTF-8 in your editor)"))
+        return []
+    if b"\x00" in raw[:4096] and not _starts_as_text(raw):
         problems.append(Problem(name, None, "(file)", "looks binary (NUL bytes), not JSON lines text",
                                 "pass a UTF-8 .jsonl file"))
         return []
@@ -101,12 +107,86 @@ def read_rows(path: str | Path, problems: list[Problem]) -> list[tuple[int, Any]
             problems.append(Problem(name, number, "(line)", f"is not valid UTF-8 (byte {e.start})",
                                     "re-save the file as UTF-8"))
             continue
+        if "\x00" in text:
+            problems.append(Problem(name, number, "(line)", f"holds a NUL byte (byte {text.index(chr(0))})",
+                                    "remove it: NUL is not text (was a binary file pasted in?)"))
+            continue
         try:
-            rows.append((number, json.loads(text)))
+            value = json.loads(text)
         except json.JSONDecodeError as e:
             problems.append(Problem(name, number, "(line)", f"is not valid JSON ({e.msg} at column {e.colno})",
                                     "fix the JSON on this line; each line must be one complete object"))
+            continue
+        if _add_surrogate_problem(value, name, number, problems):
+            rows.append((number, value))
     return rows
+
+
+def _wide_encoding(raw: bytes) -> str | None:
+    """"UTF-16LE (little-endian)" etc. for UTF-16 / UTF-32 text (by its byte-order mark, or, without
+    one, by the NUL byte beside every ASCII character), else None."""
+    for bom, name in ((b"\xff\xfe\x00\x00", "UTF-32LE"), (b"\x00\x00\xfe\xff", "UTF-32BE"),
+                      (b"\xff\xfe", "UTF-16LE (little-endian)"), (b"\xfe\xff", "UTF-16BE (big-endian)")):
+        if raw.startswith(bom):
+            return name
+    head = raw[:200]
+    if len(head) >= 8 and len(head) % 2 == 0:
+        even, odd = head[0::2], head[1::2]
+        if odd.count(0) == len(odd) and 0 not in even:
+            return "UTF-16LE (little-endian)"
+        if even.count(0) == len(even) and 0 not in odd:
+            return "UTF-16BE (big-endian)"
+    return None
+
+
+def _starts_as_text(raw: bytes) -> bool:
+    """True when the first non-blank line is UTF-8 text without NUL: then a bad byte further down
+    is a problem of its line (named with its line and byte), not of the whole file."""
+    first = next((line for line in raw.split(b"\n") if line.strip()), b"")
+    if b"\x00" in first:
+        return False
+    try:
+        first.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(value: Any, where: str = "") -> tuple[str, str] | None:
+    """(field, surrogate) of the first string in a parsed row holding a lone UTF-16 surrogate.
+
+    JSON's ``\\ud83d`` escape without its second half parses to a string no encoder can write;
+    caught here, it is a row problem instead of a crash in the tokenizer."""
+    if isinstance(value, str):
+        found = _SURROGATE.search(value)
+        return (where or "(row)", found.group()) if found else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            hit = _lone_surrogate(str(key), f"{where}.(key)" if where else "(key)") or \
+                _lone_surrogate(item, f"{where}.{key}" if where else str(key))
+            if hit:
+                return hit
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            hit = _lone_surrogate(item, f"{where}[{i}]")
+            if hit:
+                return hit
+    return None
+
+
+def _add_surrogate_problem(value: Any, name: str, number: int, problems: list[Problem]) -> bool:
+    """Add a problem for a lone surrogate in ``value``; True when there is none (the row is usable)."""
+    hit = _lone_surrogate(value)
+    if hit is None:
+        return True
+    field, char = hit
+    problems.append(Problem(name, number, field, f"holds a lone UTF-16 surrogate (\\u{ord(char):04x}), half of "
+                            "an escaped character such as an emoji", "write the character itself, or both halves "
+                            "of its escape (e.g. \\ud83d\\ude00)"))
+    return False
 
 
 def _is_multiline_document(raw: bytes) -> bool:
@@ -143,20 +223,44 @@ def _read_json_array(raw: bytes, name: str, problems: list[Problem]) -> list[tup
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         problems.append(Problem(name, None, "(file)", f"is not valid JSON ({e})", "fix the JSON, or write JSONL"))
         return []
-    return [(i + 1, row) for i, row in enumerate(data)]
+    return [(i + 1, row) for i, row in enumerate(data) if _add_surrogate_problem(row, name, i + 1, problems)]
 
 
 def _read_csv(raw: bytes, name: str, problems: list[Problem]) -> list[tuple[int, Any]]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        problems.append(Problem(name, None, "(file)", f"is not valid UTF-8 (byte {e.start})", "re-save as UTF-8"))
+        line = raw[: e.start].count(b"\n") + 1
+        offset = e.start - (raw.rfind(b"\n", 0, e.start) + 1)
+        problems.append(Problem(name, line, "(line)", f"is not valid UTF-8 (byte {offset})", "re-save the file as UTF-8"))
         return []
+    # Python's csv module refuses a cell over 128 KiB by default; a long document is normal
+    # classification input, so cells may be as large as a JSONL line.
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_LINE_BYTES))
     reader = csv.DictReader(io.StringIO(text))
-    if not reader.fieldnames:
-        problems.append(Problem(name, 1, "(header)", "has no header row", "start the CSV with: text,label"))
+    try:
+        if not reader.fieldnames:
+            problems.append(Problem(name, 1, "(header)", "has no header row", "start the CSV with: text,label"))
+            return []
+    except csv.Error as e:
+        problems.append(Problem(name, 1, "(header)", f"is not valid CSV ({e})", "fix the header row"))
         return []
-    return [(i + 2, dict(row)) for i, row in enumerate(reader)]
+    rows: list[tuple[int, Any]] = []
+    while True:  # one bad row is listed, and the rows after it are still read
+        start = reader.line_num + 1  # the line the next record starts on
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            too_big = "field larger than field limit" in str(e)
+            problems.append(Problem(name, start, "(cell)" if too_big else "(line)",
+                                    f"has a cell over {MAX_LINE_BYTES // 1_000_000} MB" if too_big
+                                    else f"is not valid CSV ({e})",
+                                    "split the document into smaller rows" if too_big else "fix the quoting on this line"))
+            continue
+        rows.append((reader.line_num, dict(row)))
+    return rows
 
 
 def check_turns(conv: Conversation) -> None:

@@ -14,12 +14,13 @@ from typing import Any
 
 import torch
 
-from tinysft.config import RunConfig, load_config
+from tinysft.config import RunConfig
 from tinysft.data.formats import LABEL_FORMATS
 from tinysft.data.validate import DataError, Problem, load_labeled, read_rows
 from tinysft.evaluate.classification_metrics import classification_metrics
 from tinysft.evaluate.classification_report import write_classification_report
 from tinysft.models.encoder import class_logits, load_encoder, max_length_for
+from tinysft.models.load import load_run_config
 from tinysft.models.registry import ModelError
 
 
@@ -43,7 +44,7 @@ def load_classifier_run(run_dir: str | Path, device: torch.device | str | None =
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if not (run_dir / "config.yaml").is_file():
         raise ModelError(f"{run_dir}: not a tinysft run directory (no config.yaml) — pass the folder `tinysft train --out` wrote.")
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_run_config(run_dir, log=log)  # never trust_remote_code / allow_pickle from the run folder
     if cfg.train.task != "classify":
         raise ModelError(f"{run_dir}: this is a chat (sft) run; use `tinysft generate` or `tinysft eval --prompts`.")
     adapter = run_dir / "adapter"

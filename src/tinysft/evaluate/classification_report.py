@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tinysft.files import atomic_write_text
+from tinysft.files import check_replaceable, write_output_text
 
 SUMMARY = [("accuracy", "Accuracy"), ("f1_weighted", "F1 (weighted)"), ("f1_macro", "F1 (macro)"),
            ("precision_weighted", "Precision (weighted)"), ("recall_weighted", "Recall (weighted)"), ("n", "Rows")]
@@ -141,7 +141,9 @@ def write_classification_report(result: dict[str, Any], out_dir: Path, title: st
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "report.json", "md": out_dir / "report.md", "html": out_dir / "report.html"}
-    atomic_write_text(paths["json"], json.dumps(result, indent=2, ensure_ascii=False))
-    atomic_write_text(paths["md"], to_markdown(result, title))
-    atomic_write_text(paths["html"], to_html(result, title, run_dir))
+    for path in paths.values():  # all three are checked before any is written
+        check_replaceable(path)
+    write_output_text(paths["json"], json.dumps(result, indent=2, ensure_ascii=False), kind="report")
+    write_output_text(paths["md"], to_markdown(result, title), kind="report")
+    write_output_text(paths["html"], to_html(result, title, run_dir), kind="report")
     return paths

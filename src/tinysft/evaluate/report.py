@@ -21,7 +21,7 @@ from tinysft.evaluate.summary import (
     summary_rows,
     tags,
 )
-from tinysft.files import atomic_write_text
+from tinysft.files import check_replaceable, write_output_text
 
 
 def to_markdown(comp: Comparison, title: str, meta: str = "") -> str:
@@ -122,7 +122,9 @@ def write_report(comp: Comparison, out_dir: str | Path, *, title: str = "tinysft
     meta_md, meta_html = _meta(run, config, comp, created)
     paths = {"json": out / "report.json", "md": out / "report.md", "html": out / "report.html"}
     data = report_data(comp, title, config, manifest, created)
-    atomic_write_text(paths["json"], json.dumps(data, indent=2, ensure_ascii=False))
-    atomic_write_text(paths["md"], to_markdown(comp, title, meta_md))
-    atomic_write_text(paths["html"], to_html(comp, title, run, meta_html, config, manifest))
+    for path in paths.values():  # all three are checked before any is written
+        check_replaceable(path)
+    write_output_text(paths["json"], json.dumps(data, indent=2, ensure_ascii=False), kind="report")
+    write_output_text(paths["md"], to_markdown(comp, title, meta_md), kind="report")
+    write_output_text(paths["html"], to_html(comp, title, run, meta_html, config, manifest), kind="report")
     return paths

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -204,8 +207,9 @@ def _check_weights_safe(path: str, allow_pickle: bool) -> None:
     has_pickle = any(f.endswith(PICKLE_SUFFIXES) for f in files)
     if has_pickle and not has_safe:
         raise ModelError(f"{folder}: only pickle weights (.bin/.pt) found. Pickle files can run code when "
-                         "loaded, so tinysft loads safetensors only; convert the model, or set "
-                         "model.allow_pickle=true if you trust it.")
+                         "loaded, so tinysft loads safetensors only; convert the model, or, if you trust it, set "
+                         "model.allow_pickle=true in your training config (or pass --allow-pickle to a command "
+                         "that loads a run).")
 
 
 def _offline_hint(name: str) -> str:
@@ -341,8 +345,8 @@ def _check_adapter(adapter: Path, allow_pickle: bool) -> str | None:
         pickled = any((adapter / n).is_file() for n in ("adapter_model.bin", "adapter_model.pt"))
         if pickled and not allow_pickle:
             raise ModelError(f"{adapter}: the adapter weights are a pickle file (adapter_model.bin), which can run "
-                             "code when loaded; tinysft loads safetensors only. Set model.allow_pickle=true in the "
-                             "run's config.yaml if you trust it.")
+                             "code when loaded; tinysft loads safetensors only. Pass --allow-pickle on the command line if you "
+                             "trust this run (a run's own config.yaml cannot allow it).")
         if not pickled:
             raise ModelError(f"{weights}: missing — the run's adapter is incomplete; train it again.")
         return config.get("base_model_name_or_path") if isinstance(config, dict) else None
@@ -355,6 +359,51 @@ def _check_adapter(adapter: Path, allow_pickle: bool) -> str | None:
         raise ModelError(f"{weights}: damaged or incomplete ({_first_line(e)}) — the file was cut short or "
                          "overwritten; train the run again or restore the file.") from None
     return config.get("base_model_name_or_path") if isinstance(config, dict) else None
+
+
+@dataclass(frozen=True)
+class RunPermissions:
+    """What loading a run folder may do beyond reading safetensors and JSON: only the user's own
+    command line grants these (``--trust-remote-code``, ``--allow-pickle``, ``--allow-other-base``),
+    never the run folder's config.yaml, which is data that may come from anyone."""
+
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    allow_other_base: bool = False
+
+
+_PERMISSIONS: ContextVar[RunPermissions] = ContextVar(
+    "tinysft_run_permissions", default=RunPermissions())  # noqa: B039 (frozen: never mutated)
+
+
+@contextlib.contextmanager
+def run_permissions(permissions: RunPermissions) -> Iterator[None]:
+    """Grant ``permissions`` to every run folder loaded inside the block (the CLI wraps a command in it)."""
+    token = _PERMISSIONS.set(permissions)
+    try:
+        yield
+    finally:
+        _PERMISSIONS.reset(token)
+
+
+def load_run_config(run_dir: str | Path, log=print) -> Any:
+    """A run folder's config.yaml as a RunConfig, with ``model.trust_remote_code`` and
+    ``model.allow_pickle`` taken from the granted :class:`RunPermissions`, never from the file.
+
+    Every loader of a run folder (generate, eval, chat, serve, merge, export, predict) reads the
+    config through here, so a downloaded run cannot turn either on by itself.
+    """
+    from tinysft.config import load_config
+
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    granted = _PERMISSIONS.get()
+    for key, flag in (("trust_remote_code", "--trust-remote-code"), ("allow_pickle", "--allow-pickle")):
+        if getattr(cfg.model, key) and not getattr(granted, key):
+            log(f"note: {run_dir / 'config.yaml'} sets model.{key}=true; ignored: a run folder cannot enable it. "
+                f"Pass {flag} on the command line if you trust this run and its model.")
+        setattr(cfg.model, key, getattr(granted, key))
+    return cfg
 
 
 @dataclass
@@ -376,27 +425,24 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", log=print,
     """
     import peft
 
-    from tinysft.config import load_config
-
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise ModelError(f"{run_dir}: not a tinysft run directory (no config.yaml) — pass the folder `tinysft train --out` wrote.")
     adapter = run_dir / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise ModelError(f"{run_dir}: no adapter/adapter_config.json — the run did not finish; rerun `tinysft train` with --resume.")
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_run_config(run_dir, log=log)
     if cfg.train.task == "classify":
         raise ModelError(f"{run_dir}: this is a classification run; use `tinysft predict` or `tinysft eval --data`.")
     expected = _check_adapter(adapter, cfg.model.allow_pickle)
-    risky = [k for k in ("trust_remote_code", "allow_pickle") if getattr(cfg.model, k)]
-    if risky:  # a run folder from elsewhere can turn these on; say so before any code could run
-        log(f"note: {run_dir / 'config.yaml'} sets model.{' and model.'.join(risky)}=true: loading may run code "
-            "shipped with the model. Load runs only from sources you trust.")
     if dtype is not None:
         cfg.model.dtype = dtype
     base, tokenizer, _ = load_causal_lm(cfg.model, device=device, log=log)
     if dequantize and cfg.model.quantize != "none":
         base = base.dequantize()
+    from tinysft.models.identity import check_same_base
+
+    check_same_base(run_dir, cfg.model.name, base, allow_other_base=_PERMISSIONS.get().allow_other_base, log=log)
     if (run_dir / "tokenizer").is_dir():
         tokenizer = load_tokenizer(str(run_dir / "tokenizer"))
     try:

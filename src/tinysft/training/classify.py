@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from tinysft.config import RunConfig
 from tinysft.data.formats import LabeledText
+from tinysft.data.rules import require_two_labels
 from tinysft.data.validate import DataError, Problem, load_labeled
 from tinysft.files import atomic_write_text
 from tinysft.models.encoder import (
@@ -66,10 +67,7 @@ def load_data(cfg: RunConfig) -> tuple[list[LabeledText], list[LabeledText], lis
                                  "pass --data FILE.jsonl with {\"text\", \"label\"} rows")])
     train_rows = load_labeled(cfg.data.train, cfg.data.labels or None)
     labels = list(cfg.data.labels) or infer_labels(train_rows)
-    if len(labels) < 2:
-        raise DataError([Problem(", ".join(cfg.data.train), None, "label",
-                                 f"only one label ({labels[0]!r}) in the training data",
-                                 "a classifier needs rows of at least two labels")])
+    require_two_labels(labels, cfg.data.train)  # the same rule as `tinysft data check --task classify`
     eval_rows = load_labeled(cfg.data.eval, labels) if cfg.data.eval else []
     if not eval_rows and cfg.data.val_fraction > 0 and len(train_rows) > 4:
         train_rows, eval_rows = split_rows(train_rows, cfg.data.val_fraction, cfg.train.seed)

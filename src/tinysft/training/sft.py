@@ -19,9 +19,11 @@ import torch
 from tinysft.config import RunConfig
 from tinysft.data.batching import Batch, append_rows, make_batches, share_prefixes, split_batch
 from tinysft.data.render import render_all
+from tinysft.data.rules import check_trainable
 from tinysft.data.validate import DataError, Problem, load_conversations, weight_categories
 from tinysft.losses import evaluate_loss, lm_and_pair_loss
 from tinysft.models.cpu import apply_speedups
+from tinysft.models.identity import base_identity
 from tinysft.models.load import add_lora, emulated_on_cpu, emulated_warning, load_causal_lm
 from tinysft.models.packed_attention import use_packed_attention
 from tinysft.training.checkpoints import TrainError, load_adapter_weights, resume_point, write_manifest
@@ -132,7 +134,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
     packing = packing_for(cfg, device)
     if cfg.train.packing == "auto" and not packing:
         say("Padded batches (train.packing auto on a GPU; train.packing=true packs conversations).")
-    rows = render_all(train_convs, tokenizer, cfg.data.max_length, cfg.data.system_prompt)
+    # The same rules as `tinysft data check` (data.rules), from the same code.
+    rows = check_trainable(train_convs, tokenizer, max_length=cfg.data.max_length, system_prompt=cfg.data.system_prompt)
     eval_rows = render_all(eval_convs, tokenizer, cfg.data.max_length, cfg.data.system_prompt) if eval_convs else []
     pairs = preference_pairs(pair_convs, tokenizer, cfg.data.max_length, cfg.data.system_prompt,
                              cfg.train.preference_tokens)
@@ -158,7 +161,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
 
     if is_main:
         cfg.save(run_dir / "config.yaml")
-        write_manifest(run_dir, cfg, model_path, {"train_rows": len(rows), "eval_rows": len(eval_rows)})
+        write_manifest(run_dir, cfg, model_path, {"train_rows": len(rows), "eval_rows": len(eval_rows),
+                                                  "base": base_identity(cfg.model.name, base)})
 
     # ---- batches ------------------------------------------------------------------------------
     # Every rank builds the same list (same seed) and takes a disjoint, equally long slice, so all
