@@ -232,6 +232,7 @@ def train_cmd(
     out_dir: Annotated[Path, typer.Option("--out", help="Run directory")] = Path("runs/latest"),
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in --out")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="No progress bar")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if it holds a run tinysft wrote (never another folder)")] = False,
 ) -> None:
     """Fine-tune with LoRA and write a run directory.
 
@@ -249,6 +250,14 @@ def train_cmd(
     if eval_data:
         overrides.setdefault("data", {})["eval"] = eval_data
     cfg = load_config(config, overrides)
+    if force and out_dir.exists():
+        import shutil
+
+        from tinysft.files import check_replaceable
+
+        # Only a run tinysft wrote (its marker, no foreign files), never the data or a folder holding runs.
+        check_replaceable(out_dir, kind="run", protected=[Path(f) for f in cfg.data.train + cfg.data.eval])
+        shutil.rmtree(out_dir)
     from tinysft.training import discard_unfinished
 
     with discard_unfinished(out_dir):  # a failed run leaves no half-written folder behind

@@ -22,7 +22,7 @@ from tinysft.config import RunConfig
 from tinysft.data.formats import LabeledText
 from tinysft.data.rules import require_two_labels
 from tinysft.data.validate import DataError, Problem, load_labeled
-from tinysft.files import atomic_write_text
+from tinysft.files import atomic_write_text, mark_output
 from tinysft.models.encoder import (
     EncodedBatch,
     choose_target_modules,
@@ -125,6 +125,7 @@ def train_classifier(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fals
         say(f"{truncated} training rows are longer than {max_length} tokens and were truncated.")
     if is_main:
         cfg.save(run_dir / "config.yaml")
+        mark_output(run_dir, "run")  # `train --force` may replace it later; nothing else tinysft writes may
         atomic_write_text(run_dir / "labels.json", json.dumps(labels, indent=2, ensure_ascii=False))
         write_manifest(run_dir, cfg, model_path, {"train_rows": len(train_rows), "eval_rows": len(eval_rows),
                                                   "labels": labels, "head_modules": saved})

@@ -21,6 +21,7 @@ from tinysft.data.batching import Batch, append_rows, make_batches, share_prefix
 from tinysft.data.render import render_all
 from tinysft.data.rules import check_trainable
 from tinysft.data.validate import DataError, Problem, load_conversations, weight_categories
+from tinysft.files import mark_output
 from tinysft.losses import evaluate_loss, lm_and_pair_loss
 from tinysft.models.cpu import apply_speedups
 from tinysft.models.identity import base_identity
@@ -161,6 +162,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
 
     if is_main:
         cfg.save(run_dir / "config.yaml")
+        mark_output(run_dir, "run")  # `train --force` may replace it later; nothing else tinysft writes may
         write_manifest(run_dir, cfg, model_path, {"train_rows": len(rows), "eval_rows": len(eval_rows),
                                                   "base": base_identity(cfg.model.name, base)})
 
