@@ -43,13 +43,13 @@ def load_classifier_run(run_dir: str | Path, device: torch.device | str | None =
     run_dir = Path(run_dir)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if not (run_dir / "config.yaml").is_file():
-        raise ModelError(f"{run_dir}: not a tinysft run directory (no config.yaml) — pass the folder `tinysft train --out` wrote.")
+        raise ModelError(f"{run_dir}: not a tinysft run directory (no config.yaml) — pass the run folder that training wrote (its --out).")
     cfg = load_run_config(run_dir, log=log)  # never trust_remote_code / allow_pickle from the run folder
     if cfg.train.task != "classify":
         raise ModelError(f"{run_dir}: this is a chat (sft) run; use `tinysft generate` or `tinysft eval --prompts`.")
     adapter = run_dir / "adapter"
     if not (adapter / "adapter_config.json").is_file():
-        raise ModelError(f"{run_dir}: no adapter/adapter_config.json — the run did not finish; rerun `tinysft train` "
+        raise ModelError(f"{run_dir}: no adapter/adapter_config.json — the run did not finish; rerun the same train command "
                          "with --resume (or train again).")
     labels_file = run_dir / "labels.json"
     labels = json.loads(labels_file.read_text(encoding="utf-8")) if labels_file.is_file() else cfg.data.labels

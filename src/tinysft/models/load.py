@@ -17,7 +17,16 @@ from typing import Any
 import torch
 
 from tinysft.config import LoraConfig, ModelConfig
-from tinysft.models.registry import EMBEDDED, ModelError, ensure_embedded, tinysft_home
+from tinysft.models.registry import (
+    EMBEDDED,
+    HUB_KERNELS_OFF,
+    ModelError,
+    check_gguf,
+    convert_gguf,
+    ensure_embedded,
+    first_line,
+    tinysft_home,
+)
 
 
 def _drop_hub_kernel_warning(record: logging.LogRecord) -> bool:
@@ -32,12 +41,6 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_hub_kernel_wa
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-# transformers 5.x swaps some layers for "hub kernels" by default: code fetched from the Hugging Face
-# Hub at run time. None is reachable offline, and on a CUDA GPU `model.train()` then fails (seen with
-# transformers 5.25 on an H200: "Version 2 of 'kernels-community/rotary' is not available in the local
-# cache"). On a CPU the same default re-kernelizes the model at `model.train()`, silently putting
-# transformers' RMSNorm forward back over tinysft's. Every model tinysft loads keeps its own layers.
-HUB_KERNELS_OFF: dict[str, Any] = {"use_kernels": False}
 
 
 def fast_bf16_available(device: torch.device | str = "cpu") -> bool:
@@ -125,49 +128,13 @@ def resolve_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
-    """Dequantize a GGUF checkpoint into a plain safetensors folder (model + tokenizer + template)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
-    gguf_file = Path(gguf_file)
-    _check_gguf(gguf_file)
-    try:
-        # dequantize=True is required: quantized GGUF tensors can be neither saved nor trained.
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf_file.parent), gguf_file=gguf_file.name, quantization_config=GgufConfig(dequantize=True),
-            dtype=torch.float32, **HUB_KERNELS_OFF,
-        )
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
-    except Exception as e:  # transformers raises many types for a bad file
-        raise ModelError(f"{gguf_file}: could not read this GGUF file ({_first_line(e)}). "
-                         "Check it is a complete llama-family GGUF (re-download it if it was cut short).") from None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
-
-
-def _check_gguf(path: Path) -> None:
-    if not path.is_file():
-        raise ModelError(f"{path}: GGUF file not found — check the path.")
-    with path.open("rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise ModelError(f"{path}: not a GGUF file (bad magic bytes) — pass a .gguf model file.")
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else type(e).__name__
-
-
 def resolve_model_path(name: str, log=print) -> str:
     """Embedded name -> cached folder; .gguf -> converted cache folder; folder -> itself; else a hub id."""
     if name in EMBEDDED:
         return str(ensure_embedded(name, log=log))
     path = Path(name).expanduser()
     if name.endswith(".gguf"):
-        _check_gguf(path)
+        check_gguf(path)
         import hashlib
 
         key = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode()).hexdigest()[:16]
@@ -224,7 +191,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise ModelError(f"{path}: could not load the tokenizer ({_first_line(e)}).{_offline_hint(path)}") from None
+        raise ModelError(f"{path}: could not load the tokenizer ({first_line(e)}).{_offline_hint(path)}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -286,7 +253,7 @@ def load_causal_lm(cfg: ModelConfig, device: torch.device | str = "cpu", log=pri
     except Exception as e:
         damaged = " The weights file looks cut short or damaged: copy or download it again." \
             if "deserializing header" in str(e) else ""
-        raise ModelError(f"{path}: could not load the model ({_first_line(e)}).{damaged or _offline_hint(path)}") from None
+        raise ModelError(f"{path}: could not load the model ({first_line(e)}).{damaged or _offline_hint(path)}") from None
     tokenizer = load_tokenizer(path, cfg.trust_remote_code)
     if tokenizer.chat_template is None:
         raise ModelError(f"{path}: the tokenizer has no chat template, so conversations cannot be rendered. "
@@ -312,7 +279,7 @@ def add_lora(model: Any, cfg: LoraConfig, task_type: str = "CAUSAL_LM", modules_
         return peft.get_peft_model(model, lcfg)
     except ValueError as e:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise ModelError(f"lora.target_modules: {_first_line(e)} Linear layers in this model: "
+        raise ModelError(f"lora.target_modules: {first_line(e)} Linear layers in this model: "
                          f"{', '.join(names)} (or use all-linear).") from None
 
 
@@ -338,7 +305,7 @@ def _check_adapter(adapter: Path, allow_pickle: bool) -> str | None:
     try:
         config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
     except (ValueError, OSError) as e:
-        raise ModelError(f"{adapter / 'adapter_config.json'}: unreadable or not valid JSON ({_first_line(e)}) — the "
+        raise ModelError(f"{adapter / 'adapter_config.json'}: unreadable or not valid JSON ({first_line(e)}) — the "
                          "run's adapter is damaged; train it again or restore the folder.") from None
     weights = adapter / "adapter_model.safetensors"
     if not weights.is_file():
@@ -356,7 +323,7 @@ def _check_adapter(adapter: Path, allow_pickle: bool) -> str | None:
         with safe_open(str(weights), framework="pt") as f:  # reads the header: a cut-short file fails here
             f.keys()
     except Exception as e:
-        raise ModelError(f"{weights}: damaged or incomplete ({_first_line(e)}) — the file was cut short or "
+        raise ModelError(f"{weights}: damaged or incomplete ({first_line(e)}) — the file was cut short or "
                          "overwritten; train the run again or restore the file.") from None
     return config.get("base_model_name_or_path") if isinstance(config, dict) else None
 
@@ -449,7 +416,7 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", log=print,
         model = peft.PeftModel.from_pretrained(base, str(adapter), is_trainable=False)
     except Exception as e:
         # The first "size mismatch" line names a tensor and both shapes; more useful than the header.
-        detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), _first_line(e))
+        detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), first_line(e))
         raise ModelError(f"{adapter}: the adapter does not fit the base model {cfg.model.name} ({detail[:300]}); "
                          f"it was trained for {expected}. Set model.name in {run_dir / 'config.yaml'} back to "
                          "that model.") from None

@@ -137,8 +137,6 @@ def ensure_embedded(name: str, log: Callable[[str], None] = print) -> Path:
         out = tmp_path / "model"
         if source.suffix == ".gguf":
             log("Converting GGUF to a safetensors folder (once, ~30 s)...")
-            from tinysft.models.load import convert_gguf
-
             convert_gguf(source, out)
         else:
             shutil.copytree(source, out)
@@ -161,3 +159,47 @@ def list_models() -> list[dict[str, str]]:
         }
         for spec in EMBEDDED.values()
     ]
+
+
+# transformers 5.x swaps some layers for "hub kernels" by default: code fetched from the Hugging Face
+# Hub at run time. None is reachable offline, and on a CUDA GPU `model.train()` then fails (seen with
+# transformers 5.25 on an H200: "Version 2 of 'kernels-community/rotary' is not available in the local
+# cache"). On a CPU the same default re-kernelizes the model at `model.train()`, silently putting
+# transformers' RMSNorm forward back over tinysft's. Every model tinysft loads keeps its own layers.
+HUB_KERNELS_OFF: dict[str, Any] = {"use_kernels": False}
+
+
+def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF checkpoint into a plain safetensors folder (model + tokenizer + template)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    gguf_file = Path(gguf_file)
+    check_gguf(gguf_file)
+    try:
+        # dequantize=True is required: quantized GGUF tensors can be neither saved nor trained.
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_file.parent), gguf_file=gguf_file.name, quantization_config=GgufConfig(dequantize=True),
+            dtype=torch.float32, **HUB_KERNELS_OFF,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name)
+    except Exception as e:  # transformers raises many types for a bad file
+        raise ModelError(f"{gguf_file}: could not read this GGUF file ({first_line(e)}). "
+                         "Check it is a complete llama-family GGUF (re-download it if it was cut short).") from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def check_gguf(path: Path) -> None:
+    if not path.is_file():
+        raise ModelError(f"{path}: GGUF file not found — check the path.")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ModelError(f"{path}: not a GGUF file (bad magic bytes) — pass a .gguf model file.")
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else type(e).__name__
