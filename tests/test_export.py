@@ -104,6 +104,7 @@ def tuned_and_base_logits(run: Path) -> tuple[list[torch.Tensor], list[torch.Ten
 
 
 # ---- merge -------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_merge_equals_base_plus_adapter_and_loads_in_a_fresh_process(tiny_run: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("TINYSFT_FAST_BF16", "0")  # compare fp32 logits with the fp32 merged model
     out = tmp_path / "merged"

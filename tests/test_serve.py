@@ -25,6 +25,7 @@ import pytest
 from conftest import CHAT_ROWS, write_jsonl
 
 openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.slow  # a uvicorn server per module, one test starts `tinysft serve`
 
 KEY = "test-key-123"
 HI = [{"role": "user", "content": "What is 2 plus 2?"}]
