@@ -231,6 +231,66 @@ def test_gguf_export_reads_back_and_matches_the_merged_model(small_run: Path, tm
     assert tokens[-1].startswith("[PAD")  # embedding rows beyond the tokenizer
 
 
+# llama.cpp's tensor names (llama.cpp `gguf-py/gguf/tensor_mapping.py`), written out here rather
+# than taken from tinysft.export, so a wrong name in the exporter cannot agree with itself.
+GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def llama_cpp_name(hf_name: str) -> str:
+    if hf_name == "model.embed_tokens.weight":
+        return "token_embd.weight"
+    if hf_name == "model.norm.weight":
+        return "output_norm.weight"
+    layer, rest = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", hf_name).groups()
+    return f"blk.{layer}.{GGUF_NAMES[rest]}.weight"
+
+
+def llama_cpp_rope_order(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """q/k rows reordered as llama.cpp's convert_hf_to_gguf.py `permute` does (interleaved rope halves)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@pytest.mark.parametrize("gguf_type", ["f16", "q8_0"])
+def test_gguf_tensors_read_back_equal_an_independent_merge(small_run: Path, small_bpe_model_dir: Path,
+                                                           tmp_path: Path, gguf_type: str) -> None:
+    """Each tensor in the file, dequantized by gguf-py, equals the weights of a merge done here with
+    plain PEFT (not tinysft's merge, not transformers' GGUF reader, which the exporter's own check uses)."""
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / f"model-{gguf_type}.gguf"
+    export_gguf(small_run, out, gguf_type=gguf_type, log=lambda m: None)  # type: ignore[arg-type]
+    base = AutoModelForCausalLM.from_pretrained(small_bpe_model_dir, dtype=torch.float32)
+    config = base.config
+    adapted = PeftModel.from_pretrained(base, str(small_run / "adapter"))
+    merged = {k: v.float() for k, v in adapted.merge_and_unload().state_dict().items()}
+    changed = [k for k in merged if "proj" in k and not torch.equal(
+        merged[k], AutoModelForCausalLM.from_pretrained(small_bpe_model_dir, dtype=torch.float32).state_dict()[k])]
+    assert changed, "the adapter changes no weight: nothing here would tell a merge from no merge"
+    tensors = {t.name: t for t in GGUFReader(str(out)).tensors}
+    assert set(tensors) == {llama_cpp_name(k) for k in merged if k != "lm_head.weight"}
+    # f16 keeps 11 significant bits; q8_0 stores blocks of 32 as int8 times a scale, so an error of
+    # up to half a step (max |block| / 254) on each value; the bound allows a whole step.
+    rtol = {"f16": 2.0**-11, "q8_0": 1 / 127}[gguf_type]
+    for hf_name, want in merged.items():
+        if hf_name == "lm_head.weight":
+            assert config.tie_word_embeddings and torch.equal(want, merged["model.embed_tokens.weight"])
+            continue
+        t = tensors[llama_cpp_name(hf_name)]
+        got = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)).reshape(want.shape)
+        if hf_name.endswith("q_proj.weight"):
+            want = llama_cpp_rope_order(want, config.num_attention_heads)
+        elif hf_name.endswith("k_proj.weight"):
+            want = llama_cpp_rope_order(want, config.num_key_value_heads)
+        err = float((got - want).abs().max()) / float(want.abs().max())
+        assert err <= rtol * 1.001, (hf_name, t.tensor_type.name, err)
+
+
 def test_export_cli_and_its_errors(small_run: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
