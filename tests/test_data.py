@@ -174,3 +174,69 @@ def test_category_weights_name_a_missing_category() -> None:
     assert "'refusl'" in str(e.value) and "refusal, task" in str(e.value)
     with pytest.raises(DataError, match="weight 0"):
         weight_categories(_convs(["refusal"]), {"refusal": 0})
+
+
+# ---- pinned by mutation testing (docs/mutation.md): the exact messages users see, and edge cases ----
+def test_prompt_file_problems_name_line_field_and_fix(tmp_path: Path) -> None:
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "  "}, {"prompt": 3},
+                                           {"messages": [{"role": "assistant", "content": "x"}]},
+                                           {"prompt": "ok", "category": 5}])
+    with pytest.raises(DataError) as e:
+        load_prompts([f])
+    assert str(e.value).splitlines() == [
+        f'{f}:1: prompt: must be a non-empty string — write "prompt": "your question"',
+        f'{f}:2: prompt: must be a non-empty string — write "prompt": "your question"',
+        f"{f}:3: messages: does not end with a user turn to answer — end the conversation with a user message"]
+    with pytest.raises(DataError) as e:
+        load_prompts([])
+    assert str(e.value) == ": (data): no prompts found — add prompt rows"
+
+
+def test_prompt_rows_answer_the_last_user_turn_and_drop_a_non_string_category(tmp_path: Path) -> None:
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+             {"role": "user", "content": "Colour?"}, {"role": "assistant", "content": "Blue."}]
+    f = write_jsonl(tmp_path / "p.jsonl", [{"messages": turns}, {"prompt": "ok", "category": 5, "keywords": ["a"]}])
+    multi, odd = load_prompts([f])
+    assert multi.messages == turns[:3] and multi.extra["reference"] == "Blue." and multi.source == f"{f}:1"
+    assert odd.category is None and odd.extra == {"keywords": ["a"]} and odd.source == f"{f}:2"
+
+
+def test_weight_problems_read_as_written() -> None:
+    def message(convs: list, weights: dict, **kw) -> str:
+        with pytest.raises(DataError) as e:
+            weight_categories(convs, weights, **kw)
+        return str(e.value)
+
+    two = _convs(["refusal", "task"])
+    assert message(two, {"refusl": 2}) == ("(config): data.category_weights: category 'refusl' not in the training "
+                                           "data — use one of: refusal, task")
+    assert message(two, {"refusl": 2, "tsk": 1}) == ("(config): data.category_weights: categories 'refusl', 'tsk' not "
+                                                     "in the training data — use one of: refusal, task")
+    assert message(_convs([None]), {"x": 2}) == ("(config): data.category_weights: category 'x' not in the training "
+                                                 "data — use one of: none (no row has a 'category' field)")
+    assert message(_convs(["refusal"]), {"refusal": 0}) == ("(config): data.category_weights: every training row has "
+                                                            "weight 0 — give at least one category (or file) a weight above 0")
+    same = [to_conversation({"prompt": "q", "response": "a"}, src) for src in ("/a/train.jsonl:1", "/b/train.jsonl:1")]
+    assert message(same, {}, file_weights={"tran.jsonl": 2}) == (
+        "(config): data.file_weights.tran.jsonl: matches no training file — use a name from data.train "
+        "(train.jsonl, train.jsonl)")
+    assert message(same, {}, file_weights={"train.jsonl": 2}) == (
+        "(config): data.file_weights.train.jsonl: matches 2 training files — give more of the path, e.g. "
+        "/a/train.jsonl or /b/train.jsonl")
+
+
+def test_fractional_weights_above_one_repeat_then_sample() -> None:
+    convs = _convs(["refusal", None] * 50)
+    # Weight 1.5: each refusal once, plus a second copy with probability 1/2 (20 seeds x 50: mean 1500,
+    # bounds as in test_category_weights_repeat_drop_and_sample); rows without a category keep weight 1.
+    totals = [sum(m.category == "refusal" for m in weight_categories(convs, {"refusal": 1.5}, seed=s)) for s in range(20)]
+    assert 1420 <= sum(totals) <= 1580 and all(t >= 50 for t in totals), totals
+    assert all(sum(m.category is None for m in weight_categories(convs, {"refusal": 1.5}, seed=s)) == 50 for s in range(3))
+
+
+def test_split_source_takes_the_line_after_the_last_colon() -> None:
+    from tinysft.data.validate import split_source
+
+    assert split_source("C:/data/a.jsonl:12") == ("C:/data/a.jsonl", 12)
+    assert split_source("noline") == ("noline", None)
+    assert split_source("f.jsonl:x") == ("f.jsonl", None)
