@@ -240,3 +240,28 @@ def test_split_source_takes_the_line_after_the_last_colon() -> None:
     assert split_source("C:/data/a.jsonl:12") == ("C:/data/a.jsonl", 12)
     assert split_source("noline") == ("noline", None)
     assert split_source("f.jsonl:x") == ("f.jsonl", None)
+
+
+def test_stats_count_formats_categories_turns_and_both_kinds_of_duplicates() -> None:
+    rows = [to_conversation(r, f"f:{i + 1}") for i, r in enumerate([
+        {"prompt": "What is the capital of France?", "response": "Paris.", "category": "factual"},
+        {"prompt": "what is the   CAPITAL of france?", "response": "paris.", "category": "factual"},  # exact (case, spaces)
+        {"prompt": "What is the capital of France?", "response": "It is Paris."},  # same prompt, other answer
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                      {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye!"}]},
+        {"prompt": "Hi", "response": "Hello"},  # one-word prompts have one shingle ("hi")
+        {"prompt": "!!!", "response": "?"},  # no words: never a near duplicate
+        {"prompt": "!!!", "response": "?"},
+    ])]
+    stats = conversation_stats(rows, near_threshold=0.5)
+    assert stats.rows == 7 and stats.formats == {"prompt_response": 6, "messages": 1}
+    assert stats.categories == {"factual": 2, "(none)": 5} and stats.turns == {1: 6, 2: 1}
+    assert stats.exact_duplicates == [("f:1", "f:2"), ("f:6", "f:7")]
+    # Same first user message but different conversations: a near duplicate at similarity 1.0;
+    # exact duplicates are not listed again as near ones.
+    assert stats.near_duplicates == [("f:1", "f:3", 1.0), ("f:2", "f:3", 1.0), ("f:4", "f:5", 1.0)]
+    assert conversation_stats(rows, near_threshold=0.5, max_pairs=2).near_duplicates == []
+    two_thirds = [to_conversation({"prompt": p, "response": "x"}, f"g:{i}") for i, p in enumerate(["red green blue",
+                                                                                                   "red green blue sky"])]
+    assert conversation_stats(two_thirds, near_threshold=0.6).near_duplicates == [("g:0", "g:1", 0.67)]
+    assert conversation_stats(two_thirds, near_threshold=0.7).near_duplicates == []
