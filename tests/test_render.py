@@ -122,6 +122,7 @@ def test_system_prompt_is_context_and_does_not_replace_the_rows_own(tokenizer) -
     r = render(msgs, tokenizer, system_prompt="You are polite.")
     text = tokenizer.decode(r.input_ids)
     assert text.count("You are polite.") == 1 and text.index("You are polite.") < text.index("Hi")
+    assert text.startswith("<|im_start|>system\nYou are polite.<|im_end|>")  # as the system turn, not another one
     assert _trained_text(r, tokenizer) == "Hello!" + tokenizer.eos_token
     prompt = render_prompt(msgs[:1], tokenizer, system_prompt="You are polite.")
     assert r.input_ids[: len(prompt)] == prompt and r.loss_mask[: len(prompt)] == [0] * len(prompt)
@@ -137,9 +138,9 @@ def test_truncation_keeps_exactly_max_length_tokens(tokenizer) -> None:
     msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "one two three four five six seven"}]
     full = render(msgs, tokenizer)
     n = len(full.input_ids)
-    assert not full.truncated and not render(msgs, tokenizer, max_length=n).truncated
+    assert full.truncated is False and render(msgs, tokenizer, max_length=n).truncated is False
     cut = render(msgs, tokenizer, max_length=n - 3)
-    assert cut.truncated and cut.input_ids == full.input_ids[: n - 3] and cut.loss_mask == full.loss_mask[: n - 3]
+    assert cut.truncated is True and cut.input_ids == full.input_ids[: n - 3] and cut.loss_mask == full.loss_mask[: n - 3]
 
 
 @pytest.mark.parametrize(("mask", "span"), [([0, 1, 1, 0, 1, 1], (4, 6)), ([1, 1, 0, 0], (0, 2)), ([0, 0], (0, 0)),
@@ -167,3 +168,45 @@ def test_show_mask_marks_trained_tokens_green(tokenizer) -> None:
     green = "".join(text.plain[s.start:s.end] for s in text.spans if "on green" in str(s.style))
     dim = "".join(text.plain[s.start:s.end] for s in text.spans if str(s.style) == "dim")
     assert green == "Hello!" + tokenizer.eos_token and "Hi" in dim and len(green) + len(dim) == len(text.plain)
+
+
+class CharTemplate:
+    """A character-level stand-in for a tokenizer: "role:content|" per message, "assistant:" as the
+    generation prompt; token ids are character codes, and special tokens (when asked for) a leading 1."""
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+        return "".join(f"{m['role']}:{m['content']}|" for m in messages) + ("assistant:" if add_generation_prompt else "")
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": ([1] if add_special_tokens else []) + [ord(c) for c in text]}
+
+
+def test_render_ids_are_the_template_text_without_special_tokens_or_a_generation_prompt(tokenizer) -> None:
+    from tinysft.data.render import render_prompt
+
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
+            {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+    r = render(msgs, CharTemplate())
+    assert "".join(map(chr, r.input_ids)) == "user:Hi|assistant:Yo|user:Q|assistant:A|"
+    assert "".join(chr(t) for t, m in zip(r.input_ids, r.loss_mask, strict=True) if m) == "Yo|A|"
+    assert "".join(map(chr, render_prompt(msgs[:1], CharTemplate()))) == "user:Hi|assistant:"
+    real = render(msgs, tokenizer)  # the real template, decoded: exactly its text, nothing added
+    assert tokenizer.decode(real.input_ids) == tokenizer.apply_chat_template(msgs, tokenize=False)
+
+
+def test_the_refusal_of_a_rewriting_template_says_what_to_do() -> None:
+    class Rewriting(CharTemplate):
+        def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+            return super().apply_chat_template([{**m, "content": m["content"].upper()} if i < len(messages) - 1 else m
+                                                for i, m in enumerate(messages)], tokenize, add_generation_prompt)
+
+    from tinysft.data.formats import Conversation
+
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    with pytest.raises(RenderError) as e:
+        render(Conversation(msgs, "f.jsonl:2", "messages"), Rewriting())
+    assert str(e.value) == (
+        "f.jsonl:2: the chat template renders assistant turn 1 differently inside the whole conversation than on its "
+        "own (the prompt is not a prefix of prompt+answer), so the trained tokens cannot be located safely. Split the "
+        "conversation into single-turn rows, or use a model whose template renders turns independently.")
