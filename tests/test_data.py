@@ -265,3 +265,24 @@ def test_stats_count_formats_categories_turns_and_both_kinds_of_duplicates() -> 
                                                                                                    "red green blue sky"])]
     assert conversation_stats(two_thirds, near_threshold=0.6).near_duplicates == [("g:0", "g:1", 0.67)]
     assert conversation_stats(two_thirds, near_threshold=0.7).near_duplicates == []
+
+
+def test_json_array_and_csv_files_name_the_element_or_the_file(tmp_path: Path) -> None:
+    def message(path: Path, load) -> str:
+        with pytest.raises(DataError) as e:
+            load([path])
+        return str(e.value)
+
+    array = tmp_path / "a.json"
+    array.write_text(json.dumps([{"prompt": "a", "response": "b"}, {"prompt": "c"}, [1]]))
+    lines = message(array, load_conversations).splitlines()
+    assert [line.split(": ")[0] for line in lines] == [f"{array}:2", f"{array}:3"]  # element i is line i + 1
+    assert lines[1] == (f'{array}:3: (row): is a JSON array, not an object — write one JSON object per line, e.g. '
+                        '{"prompt": "...", "response": "..."}')
+    broken = tmp_path / "b.json"
+    broken.write_text('[{"prompt": ')
+    assert message(broken, load_conversations) == (f"{broken}: (file): is not valid JSON (Expecting value: line 1 "
+                                                   "column 13 (char 12)) — fix the JSON, or write JSONL")
+    latin = tmp_path / "c.csv"
+    latin.write_bytes(b"text,label\ncaf\xe9,x\n")
+    assert message(latin, load_labeled) == f"{latin}: (file): is not valid UTF-8 (byte 14) — re-save as UTF-8"
