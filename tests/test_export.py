@@ -82,14 +82,11 @@ def small_bpe_model_dir(tmp_path_factory, tokenizer) -> Path:
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory, small_bpe_model_dir) -> Path:
     # all-linear: the MLP weights (ffn_gate/up/down) carry the adapter too, so their layout is checked.
-    # 3 epochs: after 1 the random model's next-token logits are near ties, and which greedy token a
-    # format's rounding flips depends on the float path of training (measured: the same run on two
-    # attention kernels, train loss 5.9084 / 5.9085, logits within 0.004 of the merged model in
-    # both, gave q8_0 continuations 98% and 32% identical); after 3, 6 of 6 identical on both.
-    # bf16 pinned, the float path those figures were measured on: `dtype: auto` picks per machine, and
-    # where it picked fp32 (an Intel Xeon without AMX) the same 3 epochs gave q8_0 4 of 6 (79% of tokens).
+    # 3 epochs and the machine's own dtype. Greedy continuations of a random model run through near
+    # ties, so which token a format's rounding flips depends on the float path and the seed; the tests
+    # below bound only what does not (see test_gguf_export_reads_back_and_matches_the_merged_model).
     return train_run(small_bpe_model_dir, tmp_path_factory.mktemp("gguf-run"), "lora.target_modules=all-linear",
-                     "train.epochs=3", "model.dtype=bfloat16", "train.mixed_precision=bf16")
+                     "train.epochs=3")
 
 
 def tuned_and_base_logits(run: Path) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -207,14 +204,16 @@ def test_gguf_export_reads_back_and_matches_the_merged_model(small_run: Path, tm
     # Every weight is the merged one up to the format's own rounding (f16: 11 significant bits), so
     # names, shapes and the q/k row order are right.
     assert report.max_weight_error <= {"f16": 2.0**-11 * 1.001, "q8_0": 1 / 200}[gguf_type]
+    # Measured max logit difference over 5 trainings (fp32 and bf16, 3 seeds): f16 0.0001-0.0011,
+    # q8_0 0.0038-0.0206.
     assert report.max_logit_diff < 0.05
     # A random model has near-ties, so rounding can flip a greedy token and the rest of the continuation
-    # follows it. Measured with the 1-epoch adapter: f16 5-6/6 identical (99% of tokens); q8_0 2-4/6
-    # identical, 90-92% of tokens (once 32%), depending on the trained adapter; with 3 epochs (small_run)
-    # 6/6 for both: for q8_0 the logit and weight bounds above are the check.
-    assert report.token_agreement >= 0.8, report
+    # follows it. Measured over the same trainings: f16 6/6 identical every time; q8_0 6, 6, 6, 5 and
+    # 3 of 6 (token agreement 1.0 down to 0.67, lowest in fp32 with the default seed), so for q8_0 the
+    # logit bound above, the weight bound and test_gguf_tensors_read_back_equal_an_independent_merge
+    # are the check (the exporter itself refuses under 50% agreement).
     if gguf_type == "f16":
-        assert report.identical >= report.prompts // 2, report
+        assert report.token_agreement >= 0.8 and report.identical >= report.prompts - 2, report
 
     reader = GGUFReader(str(out))
     fields = {k: f.contents() for k, f in reader.fields.items()
@@ -300,7 +299,11 @@ def test_export_cli_and_its_errors(small_run: Path, tmp_path: Path) -> None:
     res = runner.invoke(app, ["export", str(small_run), "--format", "gguf", "--type", "bf16",
                               "--out", str(tmp_path / "m.gguf")])
     assert res.exit_code == 0, res.output
-    assert re.search(r"identical on \d/6 prompts", res.output) and (tmp_path / "m.gguf").is_file()
+    # bf16 GGUF, measured over 4 trainings (fp32 and bf16, 3 seeds): 6, 6, 6 and 5 of 6 greedy
+    # continuations identical to the merged model's; one prompt of slack below the lowest.
+    identical = re.search(r"identical on (\d)/6 prompts", res.output)
+    assert identical and int(identical.group(1)) >= 4, res.output
+    assert (tmp_path / "m.gguf").is_file()
     res = runner.invoke(app, ["export", str(small_run), "--format", "gguf", "--out", str(tmp_path / "m.gguf")])
     assert res.exit_code == 1 and "already exists" in res.output
     res = runner.invoke(app, ["export", str(small_run), "--format", "onnx", "--out", str(tmp_path / "m.onnx")])
