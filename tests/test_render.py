@@ -108,6 +108,8 @@ def test_errors_and_the_rendered_row_carry_the_rows_source(tokenizer) -> None:
     problem = render_problem(conv, "messages", e.value)
     assert (problem.file, problem.line, problem.field) == ("data/train.jsonl", 7, "messages")
     assert problem.what.startswith("zero trained tokens") and problem.fix == "see above"
+    spaced = Conversation(conv.messages, "my data/t.jsonl:3", "messages")
+    assert render_problem(spaced, "messages", RenderError("my data/t.jsonl:3: bad: worse")).what == "bad: worse"
     r = render(conv, tokenizer)
     assert r.source == "data/train.jsonl:7" and r.rejected is None and r.pair_tokens == 0 and r.pair_only is False
     assert render(conv.messages, tokenizer).source == ""  # a plain message list has no source
