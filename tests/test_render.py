@@ -167,7 +167,7 @@ def test_show_mask_marks_trained_tokens_green(tokenizer) -> None:
     r = render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}], tokenizer)
     text = show_mask(r, tokenizer)
     assert text.plain == "".join(tokenizer.decode([t]) for t in r.input_ids)
-    green = "".join(text.plain[s.start:s.end] for s in text.spans if "on green" in str(s.style))
+    green = "".join(text.plain[s.start:s.end] for s in text.spans if str(s.style) == "bold black on green")
     dim = "".join(text.plain[s.start:s.end] for s in text.spans if str(s.style) == "dim")
     assert green == "Hello!" + tokenizer.eos_token and "Hi" in dim and len(green) + len(dim) == len(text.plain)
 
