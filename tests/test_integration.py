@@ -67,7 +67,8 @@ def test_real_model_learns_and_answers_change(real_run: Path) -> None:
     assert len(changed) >= 3, [(r["base_answer"], r["tuned_answer"]) for r in comp.rows]
     # Changed into text, not symbol soup: every tuned answer has a few tokens, most of them words.
     # Measured (one run): the lowest share was 29 of 32 tokens on the harmful prompt, an answer that
-    # repeats itself (9 distinct tokens), so repetition is not bounded here; the rest were >= 0.8.
+    # repeats itself (9 distinct tokens), so repetition is not bounded here; the four before it were
+    # >= 0.8, the last (task) was not reached in that run.
     for r in comp.rows:
         tokens = r["tuned_answer"].split()
         words = [t for t in tokens if re.fullmatch(r"[\w'’.,;:!?()\"-]+", t)]
