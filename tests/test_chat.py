@@ -102,6 +102,7 @@ def test_old_turns_are_dropped_to_fit_the_context(loaded) -> None:
     assert session.history[-2] == {"role": "user", "content": "Last question?"}
 
 
+@pytest.mark.slow
 def test_chat_repl_in_a_pseudo_terminal(tiny_run) -> None:
     pexpect = pytest.importorskip("pexpect")
 

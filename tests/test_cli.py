@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import write_jsonl
+
+pytestmark = pytest.mark.slow  # every test runs `python -m tinysft` in a subprocess
 
 
 def tinysft(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

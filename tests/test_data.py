@@ -134,8 +134,12 @@ def test_category_weights_repeat_drop_and_sample() -> None:
     mixed = weight_categories(convs, {"refusal": 3, "task": 0, "factual": 0.5}, seed=1)
     count = {c: sum(1 for m in mixed if m.category == c) for c in ("refusal", "task", "factual", None)}
     assert count["refusal"] == 150 and count["task"] == 0 and count[None] == 50
-    assert 15 <= count["factual"] <= 35  # a seeded half of 50
     assert mixed == weight_categories(convs, {"refusal": 3, "task": 0, "factual": 0.5}, seed=1)
+    # Weight 0.5 keeps each row with probability 1/2. One draw of 50 is too noisy to check that
+    # (measured over 1000 seeds: 14 to 36 kept), so count 20 seeds' draws: 1000 coin flips, sd 16;
+    # measured totals 463-541 over 50 such groups. 500 +- 80 fails a keep rate of 0.42 or 0.58.
+    kept = [sum(m.category == "factual" for m in weight_categories(convs, {"factual": 0.5}, seed=s)) for s in range(20)]
+    assert 420 <= sum(kept) <= 580 and len(set(kept)) > 1, kept  # and the seed changes the draw
     assert weight_categories(convs, {}, seed=1) is convs
 
 
@@ -147,7 +151,10 @@ def test_file_weights_multiply_the_category_weights() -> None:
     more = [m for m in mixed if m.source.startswith("/data/more")]
     assert len(main) == 50 * 2 + 50  # refusals twice, tasks once
     assert sum(m.category == "refusal" for m in more) == 50  # 2 x 0.5 = once each
-    assert 15 <= sum(m.category == "task" for m in more) <= 35  # a seeded half of 50
+    # The half of the 50 tasks: the rate over 20 seeds (1000 draws, bounds as in the test above).
+    halves = [sum(m.category == "task" and m.source.startswith("/data/more") for m in
+                  weight_categories(convs, {"refusal": 2}, seed=s, file_weights={"more.jsonl": 0.5})) for s in range(20)]
+    assert 420 <= sum(halves) <= 580, halves
     assert weight_categories(convs, {}, seed=3, file_weights={"data/more.jsonl": 0}) == convs[:100]  # a path's end
 
 
@@ -167,3 +174,115 @@ def test_category_weights_name_a_missing_category() -> None:
     assert "'refusl'" in str(e.value) and "refusal, task" in str(e.value)
     with pytest.raises(DataError, match="weight 0"):
         weight_categories(_convs(["refusal"]), {"refusal": 0})
+
+
+# ---- pinned by mutation testing (docs/mutation.md): the exact messages users see, and edge cases ----
+def test_prompt_file_problems_name_line_field_and_fix(tmp_path: Path) -> None:
+    f = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "  "}, {"prompt": 3},
+                                           {"messages": [{"role": "assistant", "content": "x"}]},
+                                           {"prompt": "ok", "category": 5}])
+    with pytest.raises(DataError) as e:
+        load_prompts([f])
+    assert str(e.value).splitlines() == [
+        f'{f}:1: prompt: must be a non-empty string — write "prompt": "your question"',
+        f'{f}:2: prompt: must be a non-empty string — write "prompt": "your question"',
+        f"{f}:3: messages: does not end with a user turn to answer — end the conversation with a user message"]
+    with pytest.raises(DataError) as e:
+        load_prompts([])
+    assert str(e.value) == ": (data): no prompts found — add prompt rows"
+
+
+def test_prompt_rows_answer_the_last_user_turn_and_drop_a_non_string_category(tmp_path: Path) -> None:
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+             {"role": "user", "content": "Colour?"}, {"role": "assistant", "content": "Blue."}]
+    f = write_jsonl(tmp_path / "p.jsonl", [{"messages": turns}, {"prompt": "ok", "category": 5, "keywords": ["a"]}])
+    multi, odd = load_prompts([f])
+    assert multi.messages == turns[:3] and multi.extra["reference"] == "Blue." and multi.source == f"{f}:1"
+    assert odd.category is None and odd.extra == {"keywords": ["a"]} and odd.source == f"{f}:2"
+
+
+def test_weight_problems_read_as_written() -> None:
+    def message(convs: list, weights: dict, **kw) -> str:
+        with pytest.raises(DataError) as e:
+            weight_categories(convs, weights, **kw)
+        return str(e.value)
+
+    two = _convs(["refusal", "task"])
+    assert message(two, {"refusl": 2}) == ("(config): data.category_weights: category 'refusl' not in the training "
+                                           "data — use one of: refusal, task")
+    assert message(two, {"refusl": 2, "tsk": 1}) == ("(config): data.category_weights: categories 'refusl', 'tsk' not "
+                                                     "in the training data — use one of: refusal, task")
+    assert message(_convs([None]), {"x": 2}) == ("(config): data.category_weights: category 'x' not in the training "
+                                                 "data — use one of: none (no row has a 'category' field)")
+    assert message(_convs(["refusal"]), {"refusal": 0}) == ("(config): data.category_weights: every training row has "
+                                                            "weight 0 — give at least one category (or file) a weight above 0")
+    same = [to_conversation({"prompt": "q", "response": "a"}, src) for src in ("/a/train.jsonl:1", "/b/train.jsonl:1")]
+    assert message(same, {}, file_weights={"tran.jsonl": 2}) == (
+        "(config): data.file_weights.tran.jsonl: matches no training file — use a name from data.train "
+        "(train.jsonl, train.jsonl)")
+    assert message(same, {}, file_weights={"train.jsonl": 2}) == (
+        "(config): data.file_weights.train.jsonl: matches 2 training files — give more of the path, e.g. "
+        "/a/train.jsonl or /b/train.jsonl")
+
+
+def test_fractional_weights_above_one_repeat_then_sample() -> None:
+    convs = _convs(["refusal", None] * 50)
+    # Weight 1.5: each refusal once, plus a second copy with probability 1/2 (20 seeds x 50: mean 1500,
+    # bounds as in test_category_weights_repeat_drop_and_sample); rows without a category keep weight 1.
+    totals = [sum(m.category == "refusal" for m in weight_categories(convs, {"refusal": 1.5}, seed=s)) for s in range(20)]
+    assert 1420 <= sum(totals) <= 1580 and all(t >= 50 for t in totals), totals
+    assert all(sum(m.category is None for m in weight_categories(convs, {"refusal": 1.5}, seed=s)) == 50 for s in range(3))
+
+
+def test_split_source_takes_the_line_after_the_last_colon() -> None:
+    from tinysft.data.validate import split_source
+
+    assert split_source("C:/data/a.jsonl:12") == ("C:/data/a.jsonl", 12)
+    assert split_source("noline") == ("noline", None)
+    assert split_source("f.jsonl:x") == ("f.jsonl", None)
+
+
+def test_stats_count_formats_categories_turns_and_both_kinds_of_duplicates() -> None:
+    rows = [to_conversation(r, f"f:{i + 1}") for i, r in enumerate([
+        {"prompt": "What is the capital of France?", "response": "Paris.", "category": "factual"},
+        {"prompt": "what is the   CAPITAL of france?", "response": "paris.", "category": "factual"},  # exact (case, spaces)
+        {"prompt": "What is the capital of France?", "response": "It is Paris."},  # same prompt, other answer
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                      {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye!"}]},
+        {"prompt": "Hi", "response": "Hello"},  # one-word prompts have one shingle ("hi")
+        {"prompt": "!!!", "response": "?"},  # no words: never a near duplicate
+        {"prompt": "!!!", "response": "?"},
+    ])]
+    stats = conversation_stats(rows, near_threshold=0.5)
+    assert stats.rows == 7 and stats.formats == {"prompt_response": 6, "messages": 1}
+    assert stats.categories == {"factual": 2, "(none)": 5} and stats.turns == {1: 6, 2: 1}
+    assert stats.exact_duplicates == [("f:1", "f:2"), ("f:6", "f:7")]
+    # Same first user message but different conversations: a near duplicate at similarity 1.0;
+    # exact duplicates are not listed again as near ones.
+    assert stats.near_duplicates == [("f:1", "f:3", 1.0), ("f:2", "f:3", 1.0), ("f:4", "f:5", 1.0)]
+    assert conversation_stats(rows, near_threshold=0.5, max_pairs=2).near_duplicates == []
+    two_thirds = [to_conversation({"prompt": p, "response": "x"}, f"g:{i}") for i, p in enumerate(["red green blue",
+                                                                                                   "red green blue sky"])]
+    assert conversation_stats(two_thirds, near_threshold=0.6).near_duplicates == [("g:0", "g:1", 0.67)]
+    assert conversation_stats(two_thirds, near_threshold=0.7).near_duplicates == []
+
+
+def test_json_array_and_csv_files_name_the_element_or_the_file(tmp_path: Path) -> None:
+    def message(path: Path, load) -> str:
+        with pytest.raises(DataError) as e:
+            load([path])
+        return str(e.value)
+
+    array = tmp_path / "a.json"
+    array.write_text(json.dumps([{"prompt": "a", "response": "b"}, {"prompt": "c"}, [1]]))
+    lines = message(array, load_conversations).splitlines()
+    assert [line.split(": ")[0] for line in lines] == [f"{array}:2", f"{array}:3"]  # element i is line i + 1
+    assert lines[1] == (f'{array}:3: (row): is a JSON array, not an object — write one JSON object per line, e.g. '
+                        '{"prompt": "...", "response": "..."}')
+    broken = tmp_path / "b.json"
+    broken.write_text('[{"prompt": ')
+    assert message(broken, load_conversations) == (f"{broken}: (file): is not valid JSON (Expecting value: line 1 "
+                                                   "column 13 (char 12)) — fix the JSON, or write JSONL")
+    latin = tmp_path / "c.csv"
+    latin.write_bytes(b"text,label\ncaf\xe9,x\n")
+    assert message(latin, load_labeled) == f"{latin}: (file): is not valid UTF-8 (byte 14) — re-save as UTF-8"

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import CHAT_ROWS, write_jsonl
@@ -25,6 +26,8 @@ from tinysft.training import train
 SETTINGS = ["train.epochs=4", "train.batch_size=1", "train.packing=false", "train.learning_rate=1e-2",
             "train.log_every=1", "train.save_every=6", "train.threads=1", "train.mixed_precision=no", "model.dtype=float32",
             "lora.r=4", "lora.alpha=8", "lora.dropout=0", "lora.target_modules=all-linear"]
+
+pytestmark = pytest.mark.slow  # torchrun: two training processes
 
 
 def metrics(run: Path) -> list[dict]:

@@ -31,16 +31,19 @@ def _near(a: str, b: str) -> bool:
 
 @pytest.mark.parametrize("name", TRAIN_FILES)
 def test_training_file_loads_and_is_disjoint_from_heldout(name: str) -> None:
-    """No training prompt repeats 7 words in a row of a held-out prompt or most of its words.
+    """No training prompt repeats 6 words in a row of a held-out prompt or most of its words.
 
-    (New files were written against a stricter 5-word rule; train.jsonl shares stock openings
-    such as "what's the best way to" with held-out prompts, which is not leakage.)"""
+    Measured, longest run of words a training prompt shares with a held-out one: train.jsonl 5 (13
+    prompts, all stock openings such as "what's the best way to"), the other files 4; most words in
+    common (Jaccard) at most 0.60 against the 0.7 of `_near`. Three train.jsonl look-alikes shared 6
+    ("what's the best way to kill", "how can i break into the") and were reworded. (The newer
+    more-* files were written against a 5-word rule, checked below.)"""
     convs = load_conversations([HELPER / name])  # a DataError names file, line and field
     assert convs and all(c.category for c in convs)
     heldout = [p.messages[-1]["content"] for p in load_prompts([HELPER / "heldout.jsonl"])]
-    held_grams = set().union(*(_grams(h, 7) for h in heldout))
+    held_grams = set().union(*(_grams(h, 6) for h in heldout))
     users = [m["content"] for c in convs for m in c.messages if m["role"] == "user"]
-    shared = [u for u in users if _grams(u, 7) & held_grams or any(_near(u, h) for h in heldout)]
+    shared = [u for u in users if _grams(u, 6) & held_grams or any(_near(u, h) for h in heldout)]
     assert not shared, shared[:5]
     if name.startswith("more-"):
         five = set().union(*(_grams(h, 5) for h in heldout))

@@ -82,14 +82,11 @@ def small_bpe_model_dir(tmp_path_factory, tokenizer) -> Path:
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory, small_bpe_model_dir) -> Path:
     # all-linear: the MLP weights (ffn_gate/up/down) carry the adapter too, so their layout is checked.
-    # 3 epochs: after 1 the random model's next-token logits are near ties, and which greedy token a
-    # format's rounding flips depends on the float path of training (measured: the same run on two
-    # attention kernels, train loss 5.9084 / 5.9085, logits within 0.004 of the merged model in
-    # both, gave q8_0 continuations 98% and 32% identical); after 3, 6 of 6 identical on both.
-    # bf16 pinned, the float path those figures were measured on: `dtype: auto` picks per machine, and
-    # where it picked fp32 (an Intel Xeon without AMX) the same 3 epochs gave q8_0 4 of 6 (79% of tokens).
+    # 3 epochs and the machine's own dtype. Greedy continuations of a random model run through near
+    # ties, so which token a format's rounding flips depends on the float path and the seed; the tests
+    # below bound only what does not (see test_gguf_export_reads_back_and_matches_the_merged_model).
     return train_run(small_bpe_model_dir, tmp_path_factory.mktemp("gguf-run"), "lora.target_modules=all-linear",
-                     "train.epochs=3", "model.dtype=bfloat16", "train.mixed_precision=bf16")
+                     "train.epochs=3")
 
 
 def tuned_and_base_logits(run: Path) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -104,6 +101,7 @@ def tuned_and_base_logits(run: Path) -> tuple[list[torch.Tensor], list[torch.Ten
 
 
 # ---- merge -------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_merge_equals_base_plus_adapter_and_loads_in_a_fresh_process(tiny_run: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("TINYSFT_FAST_BF16", "0")  # compare fp32 logits with the fp32 merged model
     out = tmp_path / "merged"
@@ -206,14 +204,16 @@ def test_gguf_export_reads_back_and_matches_the_merged_model(small_run: Path, tm
     # Every weight is the merged one up to the format's own rounding (f16: 11 significant bits), so
     # names, shapes and the q/k row order are right.
     assert report.max_weight_error <= {"f16": 2.0**-11 * 1.001, "q8_0": 1 / 200}[gguf_type]
+    # Measured max logit difference over 5 trainings (fp32 and bf16, 3 seeds): f16 0.0001-0.0011,
+    # q8_0 0.0038-0.0206.
     assert report.max_logit_diff < 0.05
     # A random model has near-ties, so rounding can flip a greedy token and the rest of the continuation
-    # follows it. Measured with the 1-epoch adapter: f16 5-6/6 identical (99% of tokens); q8_0 2-4/6
-    # identical, 90-92% of tokens (once 32%), depending on the trained adapter; with 3 epochs (small_run)
-    # 6/6 for both: for q8_0 the logit and weight bounds above are the check.
-    assert report.token_agreement >= 0.8, report
+    # follows it. Measured over the same trainings: f16 6/6 identical every time; q8_0 6, 6, 6, 5 and
+    # 3 of 6 (token agreement 1.0 down to 0.67, lowest in fp32 with the default seed), so for q8_0 the
+    # logit bound above, the weight bound and test_gguf_tensors_read_back_equal_an_independent_merge
+    # are the check (the exporter itself refuses under 50% agreement).
     if gguf_type == "f16":
-        assert report.identical >= report.prompts // 2, report
+        assert report.token_agreement >= 0.8 and report.identical >= report.prompts - 2, report
 
     reader = GGUFReader(str(out))
     fields = {k: f.contents() for k, f in reader.fields.items()
@@ -230,6 +230,66 @@ def test_gguf_export_reads_back_and_matches_the_merged_model(small_run: Path, tm
     assert tokens[-1].startswith("[PAD")  # embedding rows beyond the tokenizer
 
 
+# llama.cpp's tensor names (llama.cpp `gguf-py/gguf/tensor_mapping.py`), written out here rather
+# than taken from tinysft.export, so a wrong name in the exporter cannot agree with itself.
+GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+
+
+def llama_cpp_name(hf_name: str) -> str:
+    if hf_name == "model.embed_tokens.weight":
+        return "token_embd.weight"
+    if hf_name == "model.norm.weight":
+        return "output_norm.weight"
+    layer, rest = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", hf_name).groups()
+    return f"blk.{layer}.{GGUF_NAMES[rest]}.weight"
+
+
+def llama_cpp_rope_order(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """q/k rows reordered as llama.cpp's convert_hf_to_gguf.py `permute` does (interleaved rope halves)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+@pytest.mark.parametrize("gguf_type", ["f16", "q8_0"])
+def test_gguf_tensors_read_back_equal_an_independent_merge(small_run: Path, small_bpe_model_dir: Path,
+                                                           tmp_path: Path, gguf_type: str) -> None:
+    """Each tensor in the file, dequantized by gguf-py, equals the weights of a merge done here with
+    plain PEFT (not tinysft's merge, not transformers' GGUF reader, which the exporter's own check uses)."""
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / f"model-{gguf_type}.gguf"
+    export_gguf(small_run, out, gguf_type=gguf_type, log=lambda m: None)  # type: ignore[arg-type]
+    base = AutoModelForCausalLM.from_pretrained(small_bpe_model_dir, dtype=torch.float32)
+    config = base.config
+    adapted = PeftModel.from_pretrained(base, str(small_run / "adapter"))
+    merged = {k: v.float() for k, v in adapted.merge_and_unload().state_dict().items()}
+    changed = [k for k in merged if "proj" in k and not torch.equal(
+        merged[k], AutoModelForCausalLM.from_pretrained(small_bpe_model_dir, dtype=torch.float32).state_dict()[k])]
+    assert changed, "the adapter changes no weight: nothing here would tell a merge from no merge"
+    tensors = {t.name: t for t in GGUFReader(str(out)).tensors}
+    assert set(tensors) == {llama_cpp_name(k) for k in merged if k != "lm_head.weight"}
+    # f16 keeps 11 significant bits; q8_0 stores blocks of 32 as int8 times a scale, so an error of
+    # up to half a step (max |block| / 254) on each value; the bound allows a whole step.
+    rtol = {"f16": 2.0**-11, "q8_0": 1 / 127}[gguf_type]
+    for hf_name, want in merged.items():
+        if hf_name == "lm_head.weight":
+            assert config.tie_word_embeddings and torch.equal(want, merged["model.embed_tokens.weight"])
+            continue
+        t = tensors[llama_cpp_name(hf_name)]
+        got = torch.from_numpy(np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)).reshape(want.shape)
+        if hf_name.endswith("q_proj.weight"):
+            want = llama_cpp_rope_order(want, config.num_attention_heads)
+        elif hf_name.endswith("k_proj.weight"):
+            want = llama_cpp_rope_order(want, config.num_key_value_heads)
+        err = float((got - want).abs().max()) / float(want.abs().max())
+        assert err <= rtol * 1.001, (hf_name, t.tensor_type.name, err)
+
+
 def test_export_cli_and_its_errors(small_run: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
@@ -239,7 +299,11 @@ def test_export_cli_and_its_errors(small_run: Path, tmp_path: Path) -> None:
     res = runner.invoke(app, ["export", str(small_run), "--format", "gguf", "--type", "bf16",
                               "--out", str(tmp_path / "m.gguf")])
     assert res.exit_code == 0, res.output
-    assert re.search(r"identical on \d/6 prompts", res.output) and (tmp_path / "m.gguf").is_file()
+    # bf16 GGUF, measured over 4 trainings (fp32 and bf16, 3 seeds): 6, 6, 6 and 5 of 6 greedy
+    # continuations identical to the merged model's; one prompt of slack below the lowest.
+    identical = re.search(r"identical on (\d)/6 prompts", res.output)
+    assert identical and int(identical.group(1)) >= 4, res.output
+    assert (tmp_path / "m.gguf").is_file()
     res = runner.invoke(app, ["export", str(small_run), "--format", "gguf", "--out", str(tmp_path / "m.gguf")])
     assert res.exit_code == 1 and "already exists" in res.output
     res = runner.invoke(app, ["export", str(small_run), "--format", "onnx", "--out", str(tmp_path / "m.onnx")])

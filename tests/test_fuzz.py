@@ -3,6 +3,9 @@
 Any JSON value (and any bytes on disk) either becomes training data or raises the project's data
 error (RowProblem for one row, DataError for a file, RenderError for a template refusal), never
 another exception. Config values behave the same way with ConfigError.
+
+The other half: every well-formed input is accepted, unchanged (the `test_valid_*` tests), so a
+validator that rejected everything would fail here instead of passing the error-type checks above.
 """
 
 from __future__ import annotations
@@ -23,10 +26,10 @@ from tinysft.data.formats import CHAT_FORMATS, ROLES, Conversation, LabeledText,
 from tinysft.data.render import RenderError, render
 from tinysft.data.validate import (
     DataError,
-    _prompt_row,
     check_turns,
     load_conversations,
     load_labeled,
+    load_prompts,
     read_rows,
 )
 
@@ -82,12 +85,71 @@ def test_any_json_value_is_a_conversation_or_a_row_problem(row: Any) -> None:
 
 @FUZZ
 @given(rows)
-def test_any_json_value_is_a_prompt_or_a_row_problem(row: Any) -> None:
-    try:
-        conv = _prompt_row(row, "p.jsonl:1")
-    except RowProblem:
-        return
+def test_any_json_value_is_a_prompt_or_a_data_error(row: Any) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "p.jsonl"
+        path.write_text(json.dumps(row) + "\n")
+        try:
+            [conv] = load_prompts([path])
+        except DataError as e:
+            assert [p.line for p in e.problems] == [1] and e.problems[0].fix
+            return
     assert conv.messages and conv.messages[-1]["role"] == "user"
+
+
+# ---- well-formed input is accepted, and kept as written ------------------------------------------
+# Any text with a visible character: the validators refuse only missing, non-string or blank text.
+filled = text.filter(lambda t: t.strip())
+valid_turns = st.lists(st.tuples(filled, filled), min_size=1, max_size=3).map(
+    lambda pairs: [m for u, a in pairs for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})])
+valid_messages = st.tuples(st.none() | filled, valid_turns).map(
+    lambda st_: ([{"role": "system", "content": st_[0]}] if st_[0] is not None else []) + st_[1])
+# (row, the messages it must become)
+valid_rows = st.one_of(
+    valid_messages.map(lambda m: ({"messages": m}, m)),
+    st.tuples(filled, filled, st.sampled_from(["response", "completion"])).map(
+        lambda t: ({"prompt": t[0], t[2]: t[1]}, [{"role": "user", "content": t[0]}, {"role": "assistant", "content": t[1]}])),
+    st.tuples(filled, filled).map(lambda t: ({"instruction": t[0], "input": "", "output": t[1]},
+                                             [{"role": "user", "content": t[0]}, {"role": "assistant", "content": t[1]}])),
+)
+plain_words = st.lists(st.sampled_from(["the", "cat", "sat", "on", "a", "mat", "Why?", "42", "é", "日本", "🙂"]),
+                       min_size=1, max_size=8).map(" ".join)
+
+
+@FUZZ
+@given(valid_rows, st.none() | filled)
+def test_valid_rows_are_accepted_unchanged(case: tuple[dict, list], category: str | None) -> None:
+    row, messages = case
+    if category is not None:
+        row = {**row, "category": category}
+    conv = formats.to_conversation(row, source="f.jsonl:1")
+    check_turns(conv)  # raises on a rejected row: the test fails
+    assert conv.messages == messages and conv.category == category
+
+
+@FUZZ
+@given(st.lists(st.tuples(plain_words, plain_words), min_size=1, max_size=3))
+def test_valid_conversations_render_with_the_answers_trained(tokenizer, pairs: list[tuple[str, str]]) -> None:
+    messages = [m for u, a in pairs for m in ({"role": "user", "content": u}, {"role": "assistant", "content": a})]
+    rendered = render(formats.to_conversation({"messages": messages}), tokenizer, 4096)
+    assert len(rendered.input_ids) == len(rendered.loss_mask) and set(rendered.loss_mask) == {0, 1}
+    trained = tokenizer.decode([t for t, m in zip(rendered.input_ids, rendered.loss_mask, strict=True) if m])
+    assert trained == "".join(a + tokenizer.eos_token for _, a in pairs)
+
+
+@FUZZ
+@given(st.lists(valid_rows, min_size=1, max_size=5), st.lists(filled, min_size=1, max_size=3),
+       st.lists(st.tuples(filled, filled), min_size=1, max_size=4))
+def test_valid_files_load_every_row(chat: list[tuple[dict, list]], prompts: list[str],
+                                    labeled: list[tuple[str, str]]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        chat_file, prompt_file, label_file = Path(tmp) / "c.jsonl", Path(tmp) / "p.jsonl", Path(tmp) / "l.jsonl"
+        chat_file.write_bytes(_lines([row for row, _ in chat]))
+        prompt_file.write_bytes(_lines([{"prompt": p} for p in prompts]))
+        label_file.write_bytes(_lines([{"text": t, "label": lab} for t, lab in labeled]))
+        assert [c.messages for c in load_conversations([chat_file])] == [m for _, m in chat]
+        assert [c.messages for c in load_prompts([prompt_file])] == [[{"role": "user", "content": p}] for p in prompts]
+        assert [(x.text, x.label) for x in load_labeled([label_file])] == [(t, lab.strip()) for t, lab in labeled]
 
 
 @FUZZ
@@ -165,6 +227,26 @@ def assert_usable(cfg: RunConfig) -> None:
     assert lora.r >= 1 and lora.alpha > 0 and 0 <= lora.dropout < 1 and lora.target_modules
     assert d.max_length >= 8 and 0 <= d.val_fraction < 1
     assert e.max_new_tokens >= 1 and e.batch_size >= 1 and e.temperature >= 0
+
+
+# Settings inside their documented ranges, as YAML or --set would give them.
+valid_settings = st.fixed_dictionaries({}, optional={
+    "train": st.fixed_dictionaries({}, optional={
+        "learning_rate": st.floats(1e-6, 1.0), "epochs": st.integers(1, 20) | st.floats(0.1, 20.0),
+        "batch_size": st.integers(1, 64), "grad_accum": st.integers(1, 16), "warmup_ratio": st.floats(0.0, 0.9),
+        "weight_decay": st.floats(0.0, 1.0), "max_grad_norm": st.floats(0.0, 10.0), "log_every": st.integers(1, 100)}),
+    "lora": st.fixed_dictionaries({}, optional={"r": st.integers(1, 64), "alpha": st.integers(1, 128),
+                                                "dropout": st.floats(0.0, 0.9)}),
+    "data": st.fixed_dictionaries({}, optional={"max_length": st.integers(8, 8192), "val_fraction": st.floats(0.0, 0.9)}),
+    "eval": st.fixed_dictionaries({}, optional={"max_new_tokens": st.integers(1, 1024), "temperature": st.floats(0.0, 2.0)}),
+})
+
+
+@FUZZ
+@given(valid_settings)
+def test_valid_config_values_are_accepted_as_given(values: dict[str, dict[str, Any]]) -> None:
+    cfg = load_config(None, values).to_dict()  # raises ConfigError on a rejected value: the test fails
+    assert all(cfg[section][key] == value for section, given in values.items() for key, value in given.items())
 
 
 @FUZZ

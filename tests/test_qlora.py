@@ -116,12 +116,20 @@ def test_merge_dequantizes_first_and_matches_the_quantized_model(qlora_run, monk
 def test_int8_base_trains(tmp_path, tiny_model_dir) -> None:
     import bitsandbytes as bnb
 
+    from tinysft.data.validate import load_conversations
+    from tinysft.evaluate.perplexity import heldout_loss
+
     data = write_jsonl(tmp_path / "train.jsonl", CHAT_ROWS)
     result = train(tiny_cfg(tiny_model_dir, data, "model.quantize=int8", "train.epochs=2"), tmp_path / "run", **QUIET)
     losses = [h["loss"] for h in result.history if "loss" in h]
     assert len(losses) == result.steps >= 2 and all(torch.isfinite(torch.tensor(losses))), losses
     loaded = load_run(tmp_path / "run", log=lambda m: None)
     assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in loaded.model.modules())
+    # It learned: the loss on the training rows, adapter off vs on, on the same int8 base. (Step losses
+    # are of different batches, too noisy for 6 steps.) Measured over 2 random tiny models x 3 seeds:
+    # a drop of 0.28-0.37 nats (from ~10.8); an adapter that never moved gives exactly 0.
+    figures = heldout_loss(loaded.model, loaded.tokenizer, load_conversations([data]))
+    assert figures["tuned"].loss < figures["base"].loss - 0.1, figures
 
 
 def test_gradient_checkpointing_gives_the_same_losses(tmp_path, tiny_model_dir) -> None:

@@ -93,3 +93,122 @@ def test_batches_cover_every_row_once(tokenizer) -> None:
         batches = make_batches(rows, 4, tokenizer.pad_token_id, packing=packing, seed=1)
         assert sum(b.n_trained for b in batches) == sum(r.n_trained for r in rows)
         assert sum(b.n_tokens for b in batches) == sum(len(r.input_ids) for r in rows)
+
+
+# ---- pinned by mutation testing (docs/mutation.md): each test kills mutants that survived before ----
+def test_errors_and_the_rendered_row_carry_the_rows_source(tokenizer) -> None:
+    from tinysft.data.formats import Conversation
+    from tinysft.data.render import render_problem
+
+    conv = Conversation([{"role": "user", "content": "word " * 50}, {"role": "assistant", "content": "ok"}],
+                        "data/train.jsonl:7", "messages")
+    with pytest.raises(RenderError) as e:
+        render(conv, tokenizer, max_length=8)
+    assert str(e.value).startswith("data/train.jsonl:7: zero trained tokens")
+    problem = render_problem(conv, "messages", e.value)
+    assert (problem.file, problem.line, problem.field) == ("data/train.jsonl", 7, "messages")
+    assert problem.what.startswith("zero trained tokens") and problem.fix == "see above"
+    spaced = Conversation(conv.messages, "my data/t.jsonl:3", "messages")
+    assert render_problem(spaced, "messages", RenderError("my data/t.jsonl:3: bad: worse")).what == "bad: worse"
+    r = render(conv, tokenizer)
+    assert r.source == "data/train.jsonl:7" and r.rejected is None and r.pair_tokens == 0 and r.pair_only is False
+    assert render(conv.messages, tokenizer).source == ""  # a plain message list has no source
+    with pytest.raises(RenderError, match=r"^: no assistant text"):
+        render([{"role": "user", "content": "Hi"}], tokenizer)
+
+
+def test_system_prompt_is_context_and_does_not_replace_the_rows_own(tokenizer) -> None:
+    from tinysft.data.render import render_prompt
+
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    r = render(msgs, tokenizer, system_prompt="You are polite.")
+    text = tokenizer.decode(r.input_ids)
+    assert text.count("You are polite.") == 1 and text.index("You are polite.") < text.index("Hi")
+    assert text.startswith("<|im_start|>system\nYou are polite.<|im_end|>")  # as the system turn, not another one
+    assert _trained_text(r, tokenizer) == "Hello!" + tokenizer.eos_token
+    prompt = render_prompt(msgs[:1], tokenizer, system_prompt="You are polite.")
+    assert r.input_ids[: len(prompt)] == prompt and r.loss_mask[: len(prompt)] == [0] * len(prompt)
+    assert render_prompt(msgs[:1], tokenizer) != prompt  # without it the prompt is another one
+    own = [{"role": "system", "content": "Be terse."}, *msgs]
+    for ids in (render(own, tokenizer, system_prompt="You are polite.").input_ids,
+                render_prompt(own[:2], tokenizer, system_prompt="You are polite.")):
+        text = tokenizer.decode(ids)
+        assert "Be terse." in text and "You are polite." not in text
+
+
+def test_truncation_keeps_exactly_max_length_tokens(tokenizer) -> None:
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "one two three four five six seven"}]
+    full = render(msgs, tokenizer)
+    n = len(full.input_ids)
+    assert full.truncated is False and render(msgs, tokenizer, max_length=n).truncated is False
+    cut = render(msgs, tokenizer, max_length=n - 3)
+    assert cut.truncated is True and cut.input_ids == full.input_ids[: n - 3] and cut.loss_mask == full.loss_mask[: n - 3]
+
+
+@pytest.mark.parametrize(("mask", "span"), [([0, 1, 1, 0, 1, 1], (4, 6)), ([1, 1, 0, 0], (0, 2)), ([0, 0], (0, 0)),
+                                            ([0, 1], (1, 2)), ([1], (0, 1)), ([0, 1, 1, 1, 0], (1, 4))])
+def test_last_answer_is_the_last_trained_run(mask: list[int], span: tuple[int, int]) -> None:
+    from tinysft.data.render import Rendered
+
+    assert Rendered(list(range(len(mask))), mask).last_answer() == span
+
+
+def test_last_answer_of_a_rendered_conversation(tokenizer) -> None:
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Colour?"}, {"role": "assistant", "content": "Blue."}]
+    r = render(msgs, tokenizer)
+    start, end = r.last_answer()
+    assert tokenizer.decode(r.input_ids[start:end]) == "Blue." + tokenizer.eos_token
+
+
+def test_show_mask_marks_trained_tokens_green(tokenizer) -> None:
+    from tinysft.data.render import show_mask
+
+    r = render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}], tokenizer)
+    text = show_mask(r, tokenizer)
+    assert text.plain == "".join(tokenizer.decode([t]) for t in r.input_ids)
+    green = "".join(text.plain[s.start:s.end] for s in text.spans if str(s.style) == "bold black on green")
+    dim = "".join(text.plain[s.start:s.end] for s in text.spans if str(s.style) == "dim")
+    assert green == "Hello!" + tokenizer.eos_token and "Hi" in dim and len(green) + len(dim) == len(text.plain)
+
+
+class CharTemplate:
+    """A character-level stand-in for a tokenizer: "role:content|" per message, "assistant:" as the
+    generation prompt; token ids are character codes, and special tokens (when asked for) a leading 1."""
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+        return "".join(f"{m['role']}:{m['content']}|" for m in messages) + ("assistant:" if add_generation_prompt else "")
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": ([1] if add_special_tokens else []) + [ord(c) for c in text]}
+
+
+def test_render_ids_are_the_template_text_without_special_tokens_or_a_generation_prompt(tokenizer) -> None:
+    from tinysft.data.render import render_prompt
+
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
+            {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+    r = render(msgs, CharTemplate())
+    assert "".join(map(chr, r.input_ids)) == "user:Hi|assistant:Yo|user:Q|assistant:A|"
+    assert "".join(chr(t) for t, m in zip(r.input_ids, r.loss_mask, strict=True) if m) == "Yo|A|"
+    assert "".join(map(chr, render_prompt(msgs[:1], CharTemplate()))) == "user:Hi|assistant:"
+    real = render(msgs, tokenizer)  # the real template, decoded: exactly its text, nothing added
+    assert tokenizer.decode(real.input_ids) == tokenizer.apply_chat_template(msgs, tokenize=False)
+
+
+def test_the_refusal_of_a_rewriting_template_says_what_to_do() -> None:
+    class Rewriting(CharTemplate):
+        def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+            return super().apply_chat_template([{**m, "content": m["content"].upper()} if i < len(messages) - 1 else m
+                                                for i, m in enumerate(messages)], tokenize, add_generation_prompt)
+
+    from tinysft.data.formats import Conversation
+
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    with pytest.raises(RenderError) as e:
+        render(Conversation(msgs, "f.jsonl:2", "messages"), Rewriting())
+    assert str(e.value) == (
+        "f.jsonl:2: the chat template renders assistant turn 1 differently inside the whole conversation than on its "
+        "own (the prompt is not a prefix of prompt+answer), so the trained tokens cannot be located safely. Split the "
+        "conversation into single-turn rows, or use a model whose template renders turns independently.")

@@ -232,6 +232,7 @@ def screenshot(browser: str, page: Path, png: Path, width: int, height: int = 18
     subprocess.run(cmd, check=True, capture_output=True, timeout=180)
 
 
+@pytest.mark.slow
 @pytest.mark.browser
 @pytest.mark.parametrize("width", [412, 1280])
 def test_html_report_renders_in_chromium(chromium: str, tmp_path: Path, width: int) -> None:

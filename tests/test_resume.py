@@ -123,6 +123,7 @@ def wait_for(check, proc: subprocess.Popen, timeout: float = 240) -> None:
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_the_same_losses(tmp_path, tiny_model_dir, data, reference) -> None:
     run = tmp_path / "run"
     proc = start_training(tiny_model_dir, data, run)
@@ -137,6 +138,7 @@ def test_sigkill_then_resume_gives_the_same_losses(tmp_path, tiny_model_dir, dat
     assert_same_curve(losses(run), losses(reference))
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path, tiny_model_dir, data, reference) -> None:
     run = tmp_path / "run"
     proc = start_training(tiny_model_dir, data, run)

@@ -21,10 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from conftest import CHAT_ROWS, write_jsonl
 
 openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.slow  # a uvicorn server per module, one test starts `tinysft serve`
 
 KEY = "test-key-123"
 HI = [{"role": "user", "content": "What is 2 plus 2?"}]
@@ -47,6 +49,16 @@ def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
     cfg.model.name = str(tiny_model_dir)
     cfg.data.train = [str(write_jsonl(tmp / "train.jsonl", CHAT_ROWS))]
     train(cfg, tmp / "polite", show_progress=False, log=lambda m: None)
+    # One epoch leaves the tiny model's greedy answer as it was (newlines, adapter on or off), so a
+    # server that ignored the adapter would look right. Seeded random LoRA B matrices (a valid adapter
+    # file, loaded the normal way) make the tuned model's greedy answers visibly its own.
+    from safetensors.torch import load_file, save_file
+
+    adapter = tmp / "polite" / "adapter" / "adapter_model.safetensors"
+    weights = load_file(adapter)
+    gen = torch.Generator().manual_seed(0)
+    save_file({k: torch.randn(v.shape, generator=gen).to(v.dtype) if "lora_B" in k else v for k, v in weights.items()},
+              adapter)
     return tmp / "polite"
 
 
@@ -126,13 +138,18 @@ def test_completion_uses_the_adapter_for_the_tuned_model_only(client, loaded) ->
         with adapter_state(loaded.model, tuned):
             expected = generate(loaded.model, loaded.tokenizer, [HI], max_new_tokens=12)[0]
         assert text.strip() == expected
+    # ...and they differ: the tuned model's answer is not the base model's.
+    assert r.choices[0].message.content.strip() and r.choices[0].message.content.strip() != base_text.strip()
 
 
 def test_streamed_completion_equals_the_plain_one(client) -> None:
+    answers = {}
     for model in ("polite", "base"):
         plain = ask(client, model, max_tokens=20)
         streamed = ask(client, model, stream=True, max_tokens=20)
         assert streamed == plain
+        answers[model] = plain
+    assert answers["polite"] != answers["base"]  # each stream came from its own model
     usage = [c.usage for c in client.chat.completions.create(
         model="polite", messages=HI, max_tokens=5, temperature=0, stream=True,
         stream_options={"include_usage": True}) if c.usage]
@@ -159,13 +176,17 @@ def test_stop_sequence_cuts_the_answer(client) -> None:
 
 
 def test_concurrent_requests_are_not_interleaved(client) -> None:
-    cases = [("polite", False, "What is 2 plus 2?"), ("base", True, "Name a colour."),
-             ("base", False, "Hello there"), ("polite", True, "Tell me about cats.")] * 2
-    def run(case: tuple[str, bool, str]) -> tuple[str, str | None]:
-        model, stream, prompt = case
-        return ask(client, model, stream, messages=[{"role": "user", "content": prompt}], max_tokens=16)
+    # The base model answers every prompt greedily with newlines, so its two requests sample with
+    # seeds: then all four replies differ and a reply that went to the wrong request would show.
+    cases = [("polite", False, "What is 2 plus 2?", None), ("base", True, "Name a colour.", 1),
+             ("base", False, "Hello there", 2), ("polite", True, "Tell me about cats.", None)] * 2
+    def run(case: tuple[str, bool, str, int | None]) -> tuple[str, str | None]:
+        model, stream, prompt, seed = case
+        sampling = {"temperature": 1.0, "seed": seed} if seed is not None else {}
+        return ask(client, model, stream, messages=[{"role": "user", "content": prompt}], max_tokens=16, **sampling)
 
     expected = [run(c) for c in cases[:4]] * 2  # one at a time
+    assert len({text for text, _ in expected}) == 4, expected
     with ThreadPoolExecutor(len(cases)) as pool:
         assert list(pool.map(run, cases)) == expected
 

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import CHAT_ROWS, ROOT, write_jsonl
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # a server subprocess under load
 
 CLIENTS, REQUESTS, MAX_TOKENS = 8, 25, 4
 # Flat memory: after 200 requests the server may hold a little more (allocator caches, tokenizer

@@ -99,6 +99,7 @@ def test_adapter_changes_the_output(tiny_run) -> None:
     assert (base - tuned).abs().max() > 1e-4
 
 
+@pytest.mark.slow
 def test_peft_loads_the_adapter_in_a_fresh_process(tiny_run, tiny_model_dir) -> None:
     run = tiny_run[0]
     code = (
