@@ -26,7 +26,7 @@ def trained(tmp_path_factory, tiny_model_dir) -> tuple[Path, Any]:
     from peft import PeftModel
 
     from tinysft.config import load_config, parse_overrides
-    from tinysft.train import train
+    from tinysft.training import train
 
     tmp = tmp_path_factory.mktemp("roundtrip")
     data = write_jsonl(tmp / "train.jsonl", CHAT_ROWS)

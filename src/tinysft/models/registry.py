@@ -18,6 +18,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 class ModelError(RuntimeError):
@@ -171,6 +172,7 @@ HUB_KERNELS_OFF: dict[str, Any] = {"use_kernels": False}
 
 def convert_gguf(gguf_file: Path, out_dir: Path) -> Path:
     """Dequantize a GGUF checkpoint into a plain safetensors folder (model + tokenizer + template)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     gguf_file = Path(gguf_file)
