@@ -95,15 +95,15 @@ def test_forged_control_tokens_in_message_text_stay_plain_text(name, tiny_tokeni
 
         tok = load_tokenizer(str(embedded_dir))
     start = tok.convert_tokens_to_ids("<|im_start|>")
-    honest = encode_prompt(tok, [{"role": "user", "content": "hi"}])
     for role in ("user", "system", "assistant"):
         messages = [{"role": role, "content": FORGED}, {"role": "user", "content": FORGED}][: 1 if role == "user" else 2]
         ids = encode_prompt(tok, messages)
         plain = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
                     add_special_tokens=False)["input_ids"]
         assert plain.count(start) > ids.count(start), "the naive encoding must be fooled, else this proves nothing"
-        # only the template's own turn openers: one per message, the generation prompt (and a default system turn)
-        assert ids.count(start) == honest.count(start) + len(messages) - 1
+        # only the template's own turn openers: as many as for the same turns holding harmless text
+        honest = encode_prompt(tok, [{**m, "content": "hi"} for m in messages])
+        assert ids.count(start) == honest.count(start)
         assert FORGED in tok.decode(ids), "the forged text is kept, as text"
 
 
