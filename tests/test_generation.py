@@ -313,3 +313,19 @@ def test_embedded_model_fast_path_equals_transformers_in_fp32(embedded_dir) -> N
     ref = decode(model, tok, prompts, Sampling(max_new_tokens=24), batch_size=1, engine="transformers")
     assert [a.tokens for a in fast] == [a.tokens for a in ref]
     assert any("Tokyo" in a.text for a in fast)
+
+
+def test_a_bf16_model_decodes_in_fp32_on_cpu_so_answers_do_not_depend_on_the_batch(lively_model, tokenizer) -> None:
+    import copy
+
+    import torch
+
+    from tinysft.generation import Sampling, decode, encode_prompt
+    from tinysft.models.llama_decode import decode_dtype
+
+    model = copy.deepcopy(lively_model).to(torch.bfloat16)
+    assert decode_dtype(model) == torch.float32
+    prompts = [encode_prompt(tokenizer, p) for p in PROMPTS]
+    together = decode(model, tokenizer, prompts, Sampling(max_new_tokens=12), batch_size=6)
+    alone = [decode(model, tokenizer, [p], Sampling(max_new_tokens=12), batch_size=1)[0] for p in prompts]
+    assert [a.tokens for a in together] == [a.tokens for a in alone]

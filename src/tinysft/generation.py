@@ -241,7 +241,7 @@ def decode(model: Any, tokenizer: Any, prompts: list[list[int]], sampling: Sampl
     string's start); ``on_answer(i)`` is called as each answer ends. ``cancelled()`` is checked
     before every step; when it returns True the unfinished answers end as they are. The adapter
     (if any) is used as ``adapter_state`` left it. ``engine``: "auto", "fast" (llama-shaped models
-    only) or "transformers". ``dtype`` (fast engine only): the decoding dtype, default the model's.
+    only) or "transformers". ``dtype`` (fast engine only): the decoding dtype, default ``llama_decode.decode_dtype``.
     """
     from tinysft.models import llama_decode as decode_llama
 

@@ -181,12 +181,25 @@ def _rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     return q * cos + rotate(q) * sin, k * cos + rotate(k) * sin
 
 
+def decode_dtype(model: Any) -> torch.dtype:
+    """The dtype ``FastBackend`` decodes in unless told: float32 on a CPU (whatever the model is
+    stored in), the model's own dtype on a GPU.
+
+    On a CPU, fp32 keeps every answer independent of the batch it was decoded in (bf16 matmuls
+    round differently for different batch shapes and flip near-ties, so chat and eval could give
+    different greedy answers to one prompt), and bf16 does not buy enough decode speed to pay for
+    that (docs/benchmarks.md, "Decoding"). A bf16-stored base is upcast exactly.
+    """
+    weight = _inner(model).get_input_embeddings().weight
+    return torch.float32 if weight.device.type == "cpu" else weight.dtype
+
+
 class FastBackend:
     """Continuous batching over ``slots`` rows with a per-row KV cache (see the module docstring)."""
 
     def __init__(self, model: Any, slots: int, max_tokens: int, dtype: torch.dtype | None = None) -> None:
         device = next(model.parameters()).device
-        self.dtype = dtype or _inner(model).get_input_embeddings().weight.dtype
+        self.dtype = dtype or decode_dtype(model)
         self.w = weights_for(model, self.dtype)
         w = self.w
         self.slots, self.device = slots, device
