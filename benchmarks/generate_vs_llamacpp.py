@@ -143,7 +143,15 @@ def transformers_side(args: argparse.Namespace, loaded: Any, prompts_text: list[
 
 
 def llamacpp_side(args: argparse.Namespace, loaded: Any, prompts_text: list[str], ref: list[list[int]]) -> dict[str, Any]:
-    from llama_cpp import Llama
+    deadline = time.time() + args.wait_for_llamacpp  # llama-cpp-python may still be building (~4 min of CPU)
+    while True:
+        try:
+            from llama_cpp import Llama
+            break
+        except ImportError:
+            if time.time() > deadline:
+                raise
+            time.sleep(20)
 
     from tinysft.generation import encode_prompt, stop_ids
 
@@ -189,6 +197,7 @@ def main() -> None:
     ap.add_argument("--hf-prompts", type=int, default=48, help="prompts for the (slow) transformers loop")
     ap.add_argument("--llama-prompts", type=int, default=10**6, help="prompts for llama.cpp (default: all)")
     ap.add_argument("--gguf", default="", help="f16 GGUF of the run (default: exported next to --out)")
+    ap.add_argument("--wait-for-llamacpp", type=int, default=0, help="seconds to wait for llama_cpp to be importable")
     ap.add_argument("--skip", nargs="*", default=[], choices=["transformers", "llamacpp"])
     ap.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = ap.parse_args()
