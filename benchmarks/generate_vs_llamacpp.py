@@ -83,7 +83,10 @@ def tinysft_side(args: argparse.Namespace, prompts_text: list[str]) -> tuple[dic
     load_s = time.perf_counter() - t0
     prompts = [encode_prompt(tok, [{"role": "user", "content": p}], loaded.config.data.system_prompt) for p in prompts_text]
     greedy = Sampling(max_new_tokens=args.max_new_tokens)
+    from tinysft.models.llama_decode import decode_dtype
+
     result: dict[str, Any] = {"load_s": round(load_s, 2), "dtype": str(next(model.parameters()).dtype),
+                              "decode_dtype": str(decode_dtype(model)),
                               "load_before": load()}
     answers: dict[str, list[list[int]]] = {}
     for side, tuned in (("base", False), ("tuned", True)):
