@@ -248,6 +248,9 @@ def decode(model: Any, tokenizer: Any, prompts: list[list[int]], sampling: Sampl
     settings = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
     if len(settings) != len(prompts):
         raise ValueError(f"{len(settings)} sampling settings for {len(prompts)} prompts")
+    if not prompts:
+        return []
+    batch_size = max(1, min(batch_size, len(prompts)))
     stops = set(stop_ids(tokenizer))
     decode_text = _text_decoder(tokenizer)
     use_fast = engine == "fast" or (engine == "auto" and decode_llama.supported(model))
