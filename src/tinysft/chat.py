@@ -13,8 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tinysft.data.formats import Message
-from tinysft.data.render import render_prompt
-from tinysft.evaluate.generate import adapter_state, stream
+from tinysft.generation import Sampling, adapter_state, encode_prompt, stream_text
 
 HELP = "/base  answer with the adapter off · /tuned  adapter on · /reset  new conversation · /exit  leave"
 
@@ -44,7 +43,7 @@ class ChatSession:
     def _fit(self, messages: list[Message]) -> tuple[list[Message], int]:
         """Drop the oldest exchanges until the prompt fits the context; returns (messages, dropped turns)."""
         dropped = 0
-        while len(messages) > 1 and len(render_prompt(messages, self.tokenizer, self.system_prompt)) > self.context_limit():
+        while len(messages) > 1 and len(encode_prompt(self.tokenizer, messages, self.system_prompt)) > self.context_limit():
             messages = messages[2:] if len(messages) > 2 else messages[1:]
             dropped += 1
         return messages, dropped
@@ -55,9 +54,10 @@ class ChatSession:
         if dropped:
             self.history = messages[:-1]
         with adapter_state(self.model, self.tuned):
-            answer = stream(self.model, self.tokenizer, messages, on_text=on_text,
-                            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                            seed=None, system_prompt=self.system_prompt)
+            sampling = Sampling(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                                top_p=self.top_p, seed=None)
+            answer = stream_text(self.model, self.tokenizer, messages, sampling, on_text=on_text,
+                                 system_prompt=self.system_prompt)
         self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
         return answer
 

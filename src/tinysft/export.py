@@ -31,6 +31,7 @@ import yaml
 
 from tinysft.data.render import render_prompt
 from tinysft.files import check_replaceable, replace_output
+from tinysft.generation import greedy_continuation
 from tinysft.models.load import HUB_KERNELS_OFF, load_run
 from tinysft.models.registry import ModelError
 
@@ -368,21 +369,6 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, gguf_type: GgufType, name
     w.close()
 
 
-@torch.inference_mode()
-def greedy_tokens(model: Any, prompt: list[int], n: int) -> tuple[torch.Tensor, list[int]]:
-    """Prompt logits [seq, vocab] and exactly ``n`` greedy tokens (EOS not special: a fixed length to compare)."""
-    device = next(model.parameters()).device
-    out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
-    prompt_logits_ = out.logits[0].float().cpu()
-    past, tokens = out.past_key_values, []
-    nxt = int(out.logits[0, -1].argmax())
-    for _ in range(n):
-        tokens.append(nxt)
-        out = model(input_ids=torch.tensor([[nxt]], device=device), past_key_values=past, use_cache=True)
-        past, nxt = out.past_key_values, int(out.logits[0, -1].argmax())
-    return prompt_logits_, tokens
-
-
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b, strict=False):
@@ -443,8 +429,8 @@ def export_gguf(run_dir: str | Path, out_file: str | Path, *, gguf_type: GgufTyp
         log(f"Comparing greedy continuations ({new_tokens} tokens) on {len(m.prompts)} prompts...")
         logit_diff, agree, identical = 0.0, 0, 0
         for ids in m.prompts:
-            ref_logits, ref_tokens = greedy_tokens(m.model, ids, new_tokens)
-            g_logits, g_tokens = greedy_tokens(g_model, ids, new_tokens)
+            ref_logits, ref_tokens = greedy_continuation(m.model, ids, new_tokens)
+            g_logits, g_tokens = greedy_continuation(g_model, ids, new_tokens)
             logit_diff = max(logit_diff, float((ref_logits - g_logits).abs().max()))
             same = _common_prefix(ref_tokens, g_tokens)
             agree += same

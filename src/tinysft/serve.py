@@ -31,8 +31,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tinysft.data.render import render_prompt
-from tinysft.evaluate.generate import adapter_state, stop_ids
+from tinysft.generation import Sampling, adapter_state, decode, encode_prompt
 from tinysft.models.load import LoadedRun, load_run
 
 
@@ -122,33 +121,6 @@ class ChatRequest(BaseModel):
 
 
 # ---- generation ----------------------------------------------------------------------------------
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
-    """Pick the next token from one row of logits [vocab]: greedy at temperature 0, else nucleus sampling."""
-    if temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        keep = (sorted_p.cumsum(0) - sorted_p) < top_p  # mass before a token < top_p; keeps the top one
-        sorted_p = sorted_p * keep
-        return int(order[torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=generator)])
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def _stable_length(text: str, stops: list[str]) -> int:
-    """How much of ``text`` can be sent now: not a trailing partial UTF-8 character (shown as U+FFFD),
-    and not a tail that could still grow into a stop sequence."""
-    end = len(text)
-    while end and text[end - 1] == "\ufffd":
-        end -= 1
-    for s in stops:
-        for k in range(min(len(s) - 1, end), 0, -1):
-            if text[:end].endswith(s[:k]):
-                end -= k
-                break
-    return end
-
-
 @dataclass
 class Job:
     prompt: list[int]
@@ -173,8 +145,6 @@ class Generator:
 
     def __init__(self, loaded: LoadedRun, max_queue: int) -> None:
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
-        self.device = next(self.model.parameters()).device
-        self.stop_ids = set(stop_ids(self.tokenizer))
         self.max_queue = max_queue
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinysft-generate")
         self._pending = 0
@@ -210,45 +180,38 @@ class Generator:
 
     def encode(self, messages: list[dict[str, str]], system_prompt: str | None) -> list[int]:
         with self.tokenizer_lock:
-            return render_prompt(messages, self.tokenizer, system_prompt)
+            return encode_prompt(self.tokenizer, messages, system_prompt)  # message text never becomes control tokens
 
-    def _decode(self, tokens: list[int]) -> str:
-        with self.tokenizer_lock:
-            # No space clean-up: it can rewrite text already sent when the next token arrives.
-            return self.tokenizer.decode(tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-    @torch.inference_mode()
     def run(self, job: Job, emit: Callable[[str], None] = lambda _d: None) -> Completion:
-        """Generate for one request on the calling thread; ``emit`` gets each piece of final text."""
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(job.seed if job.seed is not None else secrets.randbits(63))
-        tokens: list[int] = []
-        text, sent, finish = "", 0, "length"
+        """Generate for one request on the calling thread with the shared decoder; ``emit`` gets each
+        piece of final text."""
+        seed = job.seed if job.seed is not None else secrets.randbits(63)
+        sampling = Sampling(max_new_tokens=job.max_tokens, temperature=job.temperature, top_p=job.top_p, seed=seed,
+                            stop=tuple(job.stops))
         with adapter_state(self.model, job.tuned):
-            ids, past = torch.tensor([job.prompt], device=self.device), None
-            for _ in range(job.max_tokens):
-                if job.cancelled.is_set() or self._closed.is_set():  # client gone / server stopping
-                    break
-                out = self.model(input_ids=ids, past_key_values=past, use_cache=True)
-                past = out.past_key_values
-                tok = sample_next(out.logits[0, -1], job.temperature, job.top_p, gen)
-                if tok in self.stop_ids:
-                    finish = "stop"
-                    break
-                tokens.append(tok)
-                text = self._decode(tokens)
-                hits = [i for i in (text.find(s) for s in job.stops) if i >= 0]
-                if hits:
-                    text, finish = text[: min(hits)], "stop"
-                    break
-                stable = _stable_length(text, job.stops)
-                if stable > sent:
-                    emit(text[sent:stable])
-                    sent = stable
-                ids = torch.tensor([[tok]], device=self.device)
-        if len(text) > sent:
-            emit(text[sent:])
-        return Completion(text, finish, len(tokens))
+            answer = decode(self.model, _LockedTokenizer(self.tokenizer, self.tokenizer_lock), [job.prompt], sampling,
+                            batch_size=1, on_text=lambda _i, piece: emit(piece),
+                            cancelled=lambda: job.cancelled.is_set() or self._closed.is_set())[0]
+        finish = "length" if answer.finish_reason == "cancelled" else answer.finish_reason
+        return Completion(answer.text, finish, len(answer.tokens))
+
+
+class _LockedTokenizer:
+    """The tokenizer, with the calls the decoder makes taken under the lock ``encode`` takes too."""
+
+    def __init__(self, tokenizer: Any, lock: threading.Lock) -> None:
+        self._tokenizer, self._lock = tokenizer, lock
+
+    def decode(self, *args: Any, **kwargs: Any) -> str:
+        with self._lock:
+            return self._tokenizer.decode(*args, **kwargs)
+
+    def get_vocab(self) -> dict[str, int]:
+        with self._lock:
+            return self._tokenizer.get_vocab()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tokenizer, name)
 
 
 # ---- the app ---------------------------------------------------------------------------------------

@@ -1,0 +1,348 @@
+"""Decoding engines behind ``tinysft.generation.decode``: a fast one for llama-shaped models and a
+fixed-wave one over any transformers model.
+
+``FastBackend`` runs its own forward pass over weights taken from the loaded model once per side:
+
+- the LoRA adapter merged in (W + scaling * B @ A) when it is enabled, so the tuned pass costs
+  what the base pass costs; base and tuned weights are both kept, keyed by the adapter's on/off
+  state and the parameters' versions, so switching sides needs no reload, and weights changed in
+  place are noticed;
+- q/k/v and gate/up fused into one matmul each;
+- a KV cache with one slot per batch row, [slots, kv_heads, tokens, head_dim] per layer: each row
+  keeps its own length, so a finished row's slot is refilled by prefilling the next prompt (no
+  padding between rows), and the active slots stay a prefix (the last one moves into a hole).
+
+Both engines answer ``admit(rows) -> logits``, ``step(rows, tokens) -> logits``, ``release(row)``
+and ``free_slots()``; the scheduler in ``generation.decode`` owns sampling and stopping.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+LLAMA_SHAPED = ("llama", "mistral", "qwen2")
+"""Architectures whose layers are pre-norm RMSNorm + rotary GQA attention + SwiGLU MLP."""
+
+
+def _inner(model: Any) -> Any:
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _base(module: Any) -> Any:
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+
+
+def supported(model: Any) -> bool:
+    """Whether ``FastBackend`` can decode this model: a transformers llama-shaped class (not a
+    subclass) in plain Linear layers (optionally with plain LoRA), no sliding window, no quantization."""
+    inner = _inner(model)
+    if not type(inner).__module__.startswith("transformers."):
+        return False  # a subclass may change forward(), which this engine does not call
+    cfg = getattr(inner, "config", None)
+    if cfg is None or getattr(cfg, "model_type", None) not in LLAMA_SHAPED:
+        return False
+    if getattr(inner, "is_loaded_in_4bit", False) or getattr(inner, "is_loaded_in_8bit", False):
+        return False
+    window = getattr(cfg, "sliding_window", None)
+    if window and getattr(cfg, "use_sliding_window", True) and window < getattr(cfg, "max_position_embeddings", 0):
+        return False
+    if not isinstance(inner.get_input_embeddings(), torch.nn.Embedding):
+        return False
+    layers = getattr(getattr(inner, "model", None), "layers", None)
+    if not layers or not hasattr(inner.model, "rotary_emb"):
+        return False
+    for layer in layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        names = [(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        names += [(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]
+        for parent, n in names:
+            mod = getattr(parent, n, None)
+            if mod is None or not isinstance(_base(mod), torch.nn.Linear) or type(_base(mod)) is not torch.nn.Linear:
+                return False
+            if any(getattr(mod, "use_dora", {}).values()):
+                return False
+        if hasattr(attn, "q_norm") or hasattr(layer, "pre_feedforward_layernorm"):
+            return False
+    return True
+
+
+# ---- weights ---------------------------------------------------------------------------------------
+def linear_weight(module: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight [out, in], bias) of a Linear layer as it computes now: with a PEFT LoRA wrapper whose
+    adapter is enabled, the adapter is merged in (in float32)."""
+    base = _base(module)
+    weight, bias = base.weight, base.bias
+    if hasattr(module, "lora_A") and not module.disable_adapters and not getattr(module, "merged", False):
+        for name in module.active_adapters:
+            if name not in module.lora_A:
+                continue
+            a, b = module.lora_A[name].weight.float(), module.lora_B[name].weight.float()
+            weight = weight.float() + (b @ a) * module.scaling[name]
+            if getattr(module.lora_B[name], "bias", None) is not None:
+                bias = module.lora_B[name].bias if bias is None else bias + module.lora_B[name].bias
+    return weight, bias
+
+
+@dataclass
+class LayerWeights:
+    ln1: torch.Tensor
+    qkv: torch.Tensor  # [(q_heads + 2 kv_heads) * head_dim, hidden]
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    ln2: torch.Tensor
+    gate_up: torch.Tensor  # [2 * intermediate, hidden]
+    down: torch.Tensor
+
+
+@dataclass
+class Weights:
+    embed: torch.Tensor  # [vocab, hidden]
+    layers: list[LayerWeights]
+    norm: torch.Tensor
+    head: torch.Tensor  # [vocab, hidden]
+    head_bias: torch.Tensor | None
+    eps: float
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    rotary: Any  # the model's own rotary embedding module (all RoPE scaling types)
+
+
+def _cat(parts: list[tuple[torch.Tensor, torch.Tensor | None]], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    weight = torch.cat([w.to(dtype) for w, _ in parts])
+    if all(b is None for _, b in parts):
+        return weight, None
+    return weight, torch.cat([(b if b is not None else w.new_zeros(w.shape[0])).to(dtype) for w, b in parts])
+
+
+def build_weights(model: Any, dtype: torch.dtype) -> Weights:
+    """The weights ``FastBackend`` decodes with, as the model computes now (adapter on or off)."""
+    inner = _inner(model)
+    cfg = inner.config
+    layers = []
+    for layer in inner.model.layers:
+        at, mlp = layer.self_attn, layer.mlp
+        qkv, qkv_bias = _cat([linear_weight(at.q_proj), linear_weight(at.k_proj), linear_weight(at.v_proj)], dtype)
+        o, o_bias = linear_weight(at.o_proj)
+        gate_up, _ = _cat([linear_weight(mlp.gate_proj), linear_weight(mlp.up_proj)], dtype)
+        down, _ = linear_weight(mlp.down_proj)
+        layers.append(LayerWeights(layer.input_layernorm.weight.to(dtype), qkv, qkv_bias, o.to(dtype),
+                                   None if o_bias is None else o_bias.to(dtype),
+                                   layer.post_attention_layernorm.weight.to(dtype), gate_up, down.to(dtype)))
+    head, head_bias = linear_weight(inner.get_output_embeddings())
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return Weights(inner.get_input_embeddings().weight.to(dtype), layers, inner.model.norm.weight.to(dtype),
+                   head.to(dtype), None if head_bias is None else head_bias.to(dtype), float(cfg.rms_norm_eps),
+                   cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+                   head_dim, inner.model.rotary_emb)
+
+
+_CACHE: weakref.WeakKeyDictionary[Any, OrderedDict[Any, Weights]] = weakref.WeakKeyDictionary()
+
+
+def weights_for(model: Any, dtype: torch.dtype) -> Weights:
+    """``build_weights``, kept per model for its two sides (base, tuned): rebuilt only when the
+    adapter's on/off state, a parameter's storage or its in-place version changes."""
+    flags = tuple(bool(m.disable_adapters) for m in model.modules() if hasattr(m, "lora_A"))
+    key = (dtype, flags, tuple((p.data_ptr(), p._version) for p in model.parameters()))
+    kept = _CACHE.setdefault(model, OrderedDict())
+    if key not in kept:
+        kept[key] = build_weights(model, dtype)
+        while len(kept) > 2:
+            kept.popitem(last=False)
+    kept.move_to_end(key)
+    return kept[key]
+
+
+# ---- the forward pass ------------------------------------------------------------------------------
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as transformers computes it: statistics in float32, scaled in the weights' dtype."""
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(weight.dtype)
+
+
+def _rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary embedding; q, k [B, heads, T, D], cos / sin [B, T, D]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+    return q * cos + rotate(q) * sin, k * cos + rotate(k) * sin
+
+
+def decode_dtype(model: Any) -> torch.dtype:
+    """The dtype ``FastBackend`` decodes in unless told: float32 on a CPU (whatever the model is
+    stored in), the model's own dtype on a GPU.
+
+    On a CPU, fp32 keeps every answer independent of the batch it was decoded in (bf16 matmuls
+    round differently for different batch shapes and flip near-ties, so chat and eval could give
+    different greedy answers to one prompt), and bf16 does not buy enough decode speed to pay for
+    that (docs/benchmarks.md, "Decoding"). A bf16-stored base is upcast exactly.
+    """
+    weight = _inner(model).get_input_embeddings().weight
+    return torch.float32 if weight.device.type == "cpu" else weight.dtype
+
+
+class FastBackend:
+    """Continuous batching over ``slots`` rows with a per-row KV cache (see the module docstring)."""
+
+    def __init__(self, model: Any, slots: int, max_tokens: int, dtype: torch.dtype | None = None) -> None:
+        device = next(model.parameters()).device
+        self.dtype = dtype or decode_dtype(model)
+        self.w = weights_for(model, self.dtype)
+        w = self.w
+        self.slots, self.device = slots, device
+        shape = (slots, w.kv_heads, max_tokens, w.head_dim)
+        self.k = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in w.layers]
+        self.v = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in w.layers]
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)  # tokens cached per slot
+        self.slot_of: dict[int, int] = {}
+        self.row_at: list[int] = []  # row in each active slot; the active slots are 0..len-1
+
+    def free_slots(self) -> int:
+        return self.slots - len(self.row_at)
+
+    def _layers(self, x: torch.Tensor, pos: torch.Tensor, write: Any, attend: Any) -> torch.Tensor:
+        """Run every layer on x [B, T, hidden] at positions pos [B, T]; ``write(l, k, v)`` stores the
+        new keys / values, ``attend(l, q)`` returns attention outputs [B, q_heads, T, D]."""
+        w = self.w
+        b, t, _ = x.shape
+        cos, sin = w.rotary(x, pos)
+        splits = [w.q_heads * w.head_dim, w.kv_heads * w.head_dim, w.kv_heads * w.head_dim]
+        for i, lw in enumerate(w.layers):
+            q, k, v = F.linear(_rms(x, lw.ln1, w.eps), lw.qkv, lw.qkv_bias).split(splits, dim=-1)
+            q = q.view(b, t, w.q_heads, w.head_dim).transpose(1, 2)
+            k = k.view(b, t, w.kv_heads, w.head_dim).transpose(1, 2)
+            q, k = _rope(q, k, cos.to(q.dtype), sin.to(q.dtype))
+            write(i, k, v.view(b, t, w.kv_heads, w.head_dim).transpose(1, 2))
+            a = attend(i, q).transpose(1, 2).reshape(b, t, w.q_heads * w.head_dim)
+            x = x + F.linear(a, lw.o, lw.o_bias)
+            gate, up = F.linear(_rms(x, lw.ln2, w.eps), lw.gate_up).chunk(2, dim=-1)
+            x = x + F.linear(F.silu(gate) * up, lw.down)
+        return x
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(_rms(x, self.w.norm, self.w.eps), self.w.head, self.w.head_bias).float()
+
+    def admit(self, items: list[tuple[int, list[int]]]) -> list[torch.Tensor]:
+        """Prefill each prompt into a free slot, one at a time (no padding); logits [vocab] of each
+        prompt's last position."""
+        out = []
+        gqa = self.w.q_heads != self.w.kv_heads
+        for row, prompt in items:
+            slot = len(self.row_at)
+            self.slot_of[row] = slot
+            self.row_at.append(row)
+            ids = torch.tensor([prompt], device=self.device)
+            n = ids.shape[1]
+
+            def write(i: int, k: torch.Tensor, v: torch.Tensor, slot: int = slot, n: int = n) -> None:
+                self.k[i][slot, :, :n] = k[0]
+                self.v[i][slot, :, :n] = v[0]
+
+            def attend(i: int, q: torch.Tensor, slot: int = slot, n: int = n) -> torch.Tensor:
+                k, v = self.k[i][slot : slot + 1, :, :n], self.v[i][slot : slot + 1, :, :n]
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+
+            x = self._layers(self.w.embed[ids], torch.arange(n, device=self.device)[None], write, attend)
+            self.lengths[slot] = n
+            out.append(self._logits(x[0, -1]))
+        return out
+
+    def step(self, rows: list[int], tokens: list[int]) -> list[torch.Tensor]:
+        """Feed one token to every active row (``rows`` must be all of them); logits [vocab] each."""
+        n = len(self.row_at)
+        if len(rows) != n:
+            raise RuntimeError("FastBackend.step needs a token for every active row")
+        slots = torch.tensor([self.slot_of[r] for r in rows], device=self.device)
+        fed = torch.empty(n, dtype=torch.long, device=self.device)
+        fed[slots] = torch.tensor(tokens, device=self.device)
+        pos = self.lengths[:n].clone()  # where each slot's new token goes
+        width = int(pos.max()) + 1
+        mask = (torch.arange(width, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]  # [n,1,1,width]
+        every = torch.arange(n, device=self.device)
+        gqa = self.w.q_heads != self.w.kv_heads
+
+        def write(i: int, k: torch.Tensor, v: torch.Tensor) -> None:
+            self.k[i][every, :, pos] = k[:, :, 0]
+            self.v[i][every, :, pos] = v[:, :, 0]
+
+        def attend(i: int, q: torch.Tensor) -> torch.Tensor:
+            return F.scaled_dot_product_attention(q, self.k[i][:n, :, :width], self.v[i][:n, :, :width],
+                                                  attn_mask=mask, enable_gqa=gqa)
+
+        x = self._layers(self.w.embed[fed][:, None], pos[:, None], write, attend)
+        self.lengths[:n] += 1
+        logits = self._logits(x[:, 0])
+        return list(logits[slots])
+
+    def release(self, row: int) -> None:
+        """Free a finished row's slot; the last active slot moves into it, keeping slots a prefix."""
+        slot = self.slot_of.pop(row)
+        last = len(self.row_at) - 1
+        moved = self.row_at.pop()
+        if slot != last:
+            length = int(self.lengths[last])
+            for cache in (*self.k, *self.v):
+                cache[slot, :, :length] = cache[last, :, :length]
+            self.lengths[slot] = length
+            self.row_at[slot] = moved
+            self.slot_of[moved] = slot
+
+
+class WaveBackend:
+    """Any transformers causal LM through its own forward: a wave of up to ``slots`` left-padded
+    prompts is decoded until all its rows end, then the next wave is admitted."""
+
+    def __init__(self, model: Any, slots: int, pad_id: int) -> None:
+        self.model, self.slots, self.pad = model, slots, pad_id
+        self.device = next(model.parameters()).device
+        self.live: set[int] = set()
+        self.index: dict[int, int] = {}
+
+    def free_slots(self) -> int:
+        return 0 if self.live else self.slots
+
+    def _forward(self, ids: torch.Tensor, past: Any) -> torch.Tensor:
+        # transformers renamed past_key_values to cache (5.2x); pass whichever this version takes
+        name = "cache" if "cache" in inspect.signature(_inner(self.model).forward).parameters else "past_key_values"
+        out = self.model(input_ids=ids, attention_mask=self.attn, position_ids=self.pos, use_cache=True,
+                         logits_to_keep=1, **{name: past})
+        self.past = out.cache if hasattr(out, "cache") else out.past_key_values
+        return out.logits[:, -1].float()
+
+    def admit(self, items: list[tuple[int, list[int]]]) -> list[torch.Tensor]:
+        width = max(len(p) for _, p in items)
+        ids = torch.full((len(items), width), self.pad, dtype=torch.long)
+        self.attn = torch.zeros((len(items), width), dtype=torch.long)
+        for b, (_, prompt) in enumerate(items):  # left padding: the last column is every row's last token
+            ids[b, width - len(prompt):] = torch.tensor(prompt)
+            self.attn[b, width - len(prompt):] = 1
+        self.attn = self.attn.to(self.device)
+        self.pos = (self.attn.cumsum(-1) - 1).clamp(min=0)
+        self.index = {row: b for b, (row, _) in enumerate(items)}
+        self.live = set(self.index)
+        return list(self._forward(ids.to(self.device), None))
+
+    def step(self, rows: list[int], tokens: list[int]) -> list[torch.Tensor]:
+        ids = torch.full((len(self.index), 1), self.pad, dtype=torch.long)
+        for row, tok in zip(rows, tokens, strict=True):
+            ids[self.index[row], 0] = tok
+        self.attn = torch.cat([self.attn, self.attn.new_ones((len(self.index), 1))], dim=1)
+        self.pos = self.pos[:, -1:] + 1
+        logits = self._forward(ids.to(self.device), self.past)
+        return [logits[self.index[r]] for r in rows]
+
+    def release(self, row: int) -> None:
+        self.live.discard(row)
