@@ -263,7 +263,7 @@ def test_bodies_without_content_length_are_counted_as_they_arrive() -> None:
 
     from fastapi import HTTPException
 
-    from tinysft.serve import _Guard
+    from tinysft.serve import Guard
 
     async def app(scope, receive, send) -> None:  # reads the whole body, like FastAPI does
         while (await receive()).get("more_body"):
@@ -275,7 +275,7 @@ def test_bodies_without_content_length_are_counted_as_they_arrive() -> None:
 
     scope = {"type": "http", "path": "/v1/chat/completions", "headers": [(b"authorization", f"Bearer {KEY}".encode())]}
     with pytest.raises(HTTPException) as e:
-        asyncio.run(_Guard(app, api_key=KEY, max_body_bytes=1_000_000)(scope, receive, None))
+        asyncio.run(Guard(app, api_key=KEY, max_body_bytes=1_000_000)(scope, receive, None))
     assert e.value.status_code == 413
 
 

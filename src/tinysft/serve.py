@@ -223,7 +223,7 @@ def _error(status: int, message: str, type_: str = "invalid_request_error", para
                         status_code=status, headers=headers)
 
 
-class _Guard:
+class Guard:
     """ASGI middleware run before routing: API key on /v1, and the request-body size limit."""
 
     def __init__(self, app: Any, api_key: str | None, max_body_bytes: int) -> None:
@@ -309,7 +309,7 @@ def create_app(loaded: LoadedRun, *, api_key: str | None = None, model_name: str
     app = FastAPI(title="tinysft", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.generator = generator
     app.state.model_names = list(models)
-    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes)
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def _on_validation(_request: Request, exc: RequestValidationError) -> JSONResponse:

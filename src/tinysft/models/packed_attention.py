@@ -32,10 +32,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 NAME = "tinysft_packed"
 # On a CPU, training segments with at most this many query tokens (and queries x keys at most its
-# square) go through _ShortAttention; longer ones through torch's flash kernel, except a segment
-# with branches, or a branch, which takes _ShortAttention at any length: its other path is
+# square) go through ShortAttention; longer ones through torch's flash kernel, except a segment
+# with branches, or a branch, which takes ShortAttention at any length: its other path is
 # torch's math kernel, which keeps fp32 attention weights (twice the size) and was 1.3-1.9x
-# slower (260-500 tokens, docs/benchmarks.md). 0 turns _ShortAttention off (SDPA everywhere).
+# slower (260-500 tokens, docs/benchmarks.md). 0 turns ShortAttention off (SDPA everywhere).
 SHORT_ATTENTION_MAX = 512
 
 
@@ -44,14 +44,14 @@ def _causal_bias(n: int, prefix: int, group: int, device: str) -> torch.Tensor:
     """(group * n, prefix + n) fp32: 0 where query i may read key j (j <= prefix + i), else -inf.
 
     The n-row pattern is repeated for the `group` query heads that share one key head (rows are
-    (head, position) flattened, as _ShortAttention lays them out). Cached: a pass reuses one
+    (head, position) flattened, as ShortAttention lays them out). Cached: a pass reuses one
     conversation length in every layer.
     """
     hidden = torch.ones(n, prefix + n, dtype=torch.bool, device=device).triu_(prefix + 1)
     return torch.zeros(n, prefix + n, device=device).masked_fill_(hidden, float("-inf")).repeat(group, 1)
 
 
-class _ShortAttention(torch.autograd.Function):
+class ShortAttention(torch.autograd.Function):
     """Causal attention of one short segment as batched matmuls, its softmax kept for backward.
 
     q (1, H, n, D); k, v (1, Hkv, prefix + n, D), H a multiple of Hkv (grouped-query attention:
@@ -100,16 +100,16 @@ class _ShortAttention(torch.autograd.Function):
         return grad_q.view(grad_out.shape), grad_k[None], grad_v[None], None, None
 
 
-def _segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, dropout: float,
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, dropout: float,
                        prefix: int, flash: bool) -> torch.Tensor:
     """One segment: q (1, H, n, D), k/v (1, Hkv, prefix + n, D) -> (1, H, n, D), causal after `prefix`.
 
-    On a CPU, when a backward follows: _ShortAttention for short segments, and for segments with
+    On a CPU, when a backward follows: ShortAttention for short segments, and for segments with
     branches and branches at any length (SHORT_ATTENTION_MAX). Otherwise torch's SDPA:
     with ``flash`` (a segment without branches) torch picks the kernel, on a CPU the flash kernel,
     which keeps only its output and log-sum-exp for backward (faster and smaller than the math
     kernel, which saves fp32 copies of q/k/v and of the attention weights). Conversations with branches, and branches, that do not take
-    _ShortAttention (a GPU, attention dropout, no backward) go to the math kernel: the CPU flash
+    ShortAttention (a GPU, attention dropout, no backward) go to the math kernel: the CPU flash
     kernel's backward was several times slower on them than on others (cause not found;
     docs/benchmarks.md), and a branch needs a mask, which flash takes none of.
     """
@@ -124,7 +124,7 @@ def _segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
         # bf16 autocast, rotary's fp32 cos / sin leave q and k in fp32 while v is bf16.
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-        return _ShortAttention.apply(q, k, v, scale if scale is not None else q.shape[-1] ** -0.5, prefix)
+        return ShortAttention.apply(q, k, v, scale if scale is not None else q.shape[-1] ** -0.5, prefix)
     if flash:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scale, is_causal=True, enable_gqa=gqa)
     mask = None if prefix == 0 else torch.ones(n, prefix + n, dtype=torch.bool, device=q.device).tril(prefix)
@@ -177,7 +177,7 @@ def packed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
                 k = torch.cat([paths[parent][0][:, :, :prefix], k], dim=2)
                 v = torch.cat([paths[parent][1][:, :, :prefix], v], dim=2)
             paths.append((k, v))
-            parts.append(_segment_attention(q, k, v, scaling, dropout, prefix, flash=prefix == 0 and not branched))
+            parts.append(segment_attention(q, k, v, scaling, dropout, prefix, flash=prefix == 0 and not branched))
         rows.append(torch.cat(parts, dim=2))  # (1, H, T, D)
     out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
     return out.transpose(1, 2).contiguous(), None

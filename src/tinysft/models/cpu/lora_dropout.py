@@ -87,7 +87,7 @@ def _as_factor(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return keep.view(torch.uint8).to(dtype)
 
 
-class _MaskedScale(torch.autograd.Function):
+class MaskedScale(torch.autograd.Function):
     """out = x * keep / q; saves only the bool mask (1 byte per element) for backward.
 
     A multiply by the mask as 0 / 1 instead of ``torch.where(keep, x, 0)``: the same values
@@ -116,7 +116,7 @@ class FastDropout(torch.nn.Dropout):
         if x.device.type != "cpu":  # GPUs sample fast already (Philox, fused)
             return super().forward(x)
         keep, q = keep_mask(x.shape, 1.0 - self.p, x.device)
-        return _MaskedScale.apply(x, keep, 1.0 / q)
+        return MaskedScale.apply(x, keep, 1.0 / q)
 
 
 def use_fast_dropout(model: torch.nn.Module) -> int:

@@ -137,7 +137,7 @@ def _attention_reference(q, k, v, prefix):
 def test_short_attention_equals_sdpa(prefix, heads) -> None:
     """The short-segment kernel: output and q/k/v gradients of causal (and branch) attention, with
     grouped and plain heads, as float64 SDPA gives them; strided q/k/v as the model passes them."""
-    from tinysft.models.packed_attention import _ShortAttention
+    from tinysft.models.packed_attention import ShortAttention
 
     gen = torch.Generator().manual_seed(0)
     h, hkv = heads
@@ -147,7 +147,7 @@ def test_short_attention_equals_sdpa(prefix, heads) -> None:
     k = torch.randn(1, prefix + n, hkv, d, generator=gen).transpose(1, 2).requires_grad_()
     v = torch.randn(1, prefix + n, hkv, d, generator=gen).transpose(1, 2).requires_grad_()
     grad = torch.randn(1, h, n, d, generator=gen)
-    out = _ShortAttention.apply(q, k, v, d**-0.5, prefix)
+    out = ShortAttention.apply(q, k, v, d**-0.5, prefix)
     got = torch.autograd.grad(out, (q, k, v), grad)
     ref = _attention_reference(q, k, v, prefix)
     want = torch.autograd.grad(ref, (q, k, v), grad.double())
@@ -166,29 +166,29 @@ def test_short_attention_only_where_a_backward_follows(monkeypatch) -> None:
     import tinysft.models.packed_attention as packed_attention
 
     calls = []
-    real = packed_attention._ShortAttention.apply
-    monkeypatch.setattr(packed_attention._ShortAttention, "apply", lambda *a: calls.append(1) or real(*a))
+    real = packed_attention.ShortAttention.apply
+    monkeypatch.setattr(packed_attention.ShortAttention, "apply", lambda *a: calls.append(1) or real(*a))
     gen = torch.Generator().manual_seed(2)
     q = torch.randn(1, 4, 9, 8, generator=gen, requires_grad=True)
     k, v = (torch.randn(1, 2, 9, 8, generator=gen, requires_grad=True) for _ in range(2))
     with torch.no_grad():
-        forward_only = packed_attention._segment_attention(q, k, v, None, 0.0, 0, flash=True)
+        forward_only = packed_attention.segment_attention(q, k, v, None, 0.0, 0, flash=True)
     assert calls == []
-    trained = packed_attention._segment_attention(q, k, v, None, 0.0, 0, flash=True)
+    trained = packed_attention.segment_attention(q, k, v, None, 0.0, 0, flash=True)
     assert calls == [1]
     torch.testing.assert_close(trained.detach(), forward_only, rtol=1e-5, atol=1e-6)
     monkeypatch.setattr(packed_attention, "SHORT_ATTENTION_MAX", 8)  # 9 tokens: too long
-    packed_attention._segment_attention(q, k, v, None, 0.0, 0, flash=True)
+    packed_attention.segment_attention(q, k, v, None, 0.0, 0, flash=True)
     assert calls == [1]
     # A segment with branches (no flash) takes it at any length: its other path is the math kernel.
-    branched = packed_attention._segment_attention(q, k, v, None, 0.0, 0, flash=False)
+    branched = packed_attention.segment_attention(q, k, v, None, 0.0, 0, flash=False)
     assert calls == [1, 1]
     torch.testing.assert_close(branched.detach(), forward_only, rtol=1e-5, atol=1e-6)
     qb = q[:, :, 4:].detach().requires_grad_()  # a 5-token branch reading 4 tokens before it
-    packed_attention._segment_attention(qb, k, v, None, 0.0, 4, flash=False)
+    packed_attention.segment_attention(qb, k, v, None, 0.0, 4, flash=False)
     assert calls == [1, 1, 1]
     monkeypatch.setattr(packed_attention, "SHORT_ATTENTION_MAX", 0)  # off: torch's SDPA everywhere
-    packed_attention._segment_attention(q, k, v, None, 0.0, 0, flash=False)
+    packed_attention.segment_attention(q, k, v, None, 0.0, 0, flash=False)
     assert calls == [1, 1, 1]
 
 
@@ -203,7 +203,7 @@ def test_short_attention_takes_mixed_dtypes_under_autocast() -> None:
     k = torch.randn(1, 2, 9, 8, generator=gen, requires_grad=True)
     v = torch.randn(1, 2, 9, 8, generator=gen).bfloat16().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = packed_attention._segment_attention(q, k, v, None, 0.0, 0, flash=False)
+        out = packed_attention.segment_attention(q, k, v, None, 0.0, 0, flash=False)
         with torch.no_grad():
             want = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     assert out.dtype == want.dtype == torch.bfloat16
@@ -215,7 +215,7 @@ def test_short_attention_takes_mixed_dtypes_under_autocast() -> None:
 
 def test_short_attention_bf16_as_close_as_flash() -> None:
     """In bf16 (training's dtype on AMX) the kernel is as close to float64 as torch's flash kernel."""
-    from tinysft.models.packed_attention import _ShortAttention
+    from tinysft.models.packed_attention import ShortAttention
 
     gen = torch.Generator().manual_seed(1)
     n, d = 96, 64
@@ -229,7 +229,7 @@ def test_short_attention_bf16_as_close_as_flash() -> None:
         return [float((out.detach().double() - ref.detach()).abs().max())] + [
             float((g.double() - w).abs().max() / w.abs().max()) for g, w in zip(got, want, strict=True)]
 
-    ours = errors(_ShortAttention.apply(q, k, v, d**-0.5, 0))
+    ours = errors(ShortAttention.apply(q, k, v, d**-0.5, 0))
     flash = errors(F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
     for o, f in zip(ours, flash, strict=True):
         assert o <= 2 * f + 1e-3, (ours, flash)
@@ -368,13 +368,13 @@ def test_fast_dropout_matches_dropout_in_distribution() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fast_dropout_multiply_equals_the_masked_select(dtype) -> None:
     """The mask applied as a 0/1 multiply gives the values of torch.where(keep, x, 0) / q, both ways."""
-    from tinysft.models.cpu.lora_dropout import _MaskedScale, keep_mask
+    from tinysft.models.cpu.lora_dropout import MaskedScale, keep_mask
 
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(37, 300, generator=gen).to(dtype).requires_grad_()
     grad = torch.randn(37, 300, generator=gen).to(dtype)
     keep, q = keep_mask(x.shape, 0.9, generator=gen)
-    y = _MaskedScale.apply(x, keep, 1.0 / q)
+    y = MaskedScale.apply(x, keep, 1.0 / q)
     assert y.dtype == dtype
     assert torch.equal(y, torch.where(keep, x.detach(), 0.0).mul_(1.0 / q))
     y.backward(grad)
