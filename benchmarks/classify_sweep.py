@@ -36,6 +36,9 @@ CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "mean, probe, lr 2e-3, 3 ep": ("mean", "probe", {"train": {"learning_rate": 2e-3, "epochs": 3}}),
     "mean, probe, lr 2e-3, 5 ep, all-linear": ("mean", "probe", {"train": {"learning_rate": 2e-3, "epochs": 5},
                                                                 "lora": {"target_modules": ["all-linear"]}}),
+    "mean, probe, lr 1e-3, 10 ep": ("mean", "probe", {"train": {"learning_rate": 1e-3, "epochs": 10}}),
+    "mean, probe, lr 2e-3, 10 ep": ("mean", "probe", {"train": {"learning_rate": 2e-3, "epochs": 10}}),
+    "mean, probe, lr 4e-3, 5 ep": ("mean", "probe", {"train": {"learning_rate": 4e-3, "epochs": 5}}),
 }
 
 
@@ -82,7 +85,8 @@ def train_and_score(model_name: str, train_file: Path, test: list[dict], run: Pa
                              "train": train_over, **({"lora": overrides["lora"]} if "lora" in overrides else {})})
     logs: list[str] = []
     wall, cpu, load = time.time(), time.process_time(), os.getloadavg()[0]
-    result = train_classifier(cfg, run, log=logs.append, show_progress=False, head_init=head_init)  # type: ignore[arg-type]
+    result = train_classifier(cfg, run, log=logs.append, show_progress=False, head_init=head_init,  # type: ignore[arg-type]
+                              classify_defaults=False)
     wall, cpu = time.time() - wall, time.process_time() - cpu
     loaded = load_classifier_run(run, log=lambda _m: None)
     texts, gold = [r["text"] for r in test], [r["label"] for r in test]

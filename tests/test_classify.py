@@ -247,7 +247,7 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path: Path, tiny_bert_dir:
 
 @pytest.mark.integration
 def test_embedded_encoder_learns_news_topics(tmp_path: Path) -> None:
-    """One epoch of the example recipe on the real MiniLM: held-out accuracy far above the untrained head."""
+    """One epoch of the example recipe on the real MiniLM: high held-out accuracy, not below the probe it started from."""
     from tinysft.config import load_config
     from tinysft.evaluate.classification import evaluate_classifier
     from tinysft.training import train_classifier
@@ -258,7 +258,9 @@ def test_embedded_encoder_learns_news_topics(tmp_path: Path) -> None:
     paths = evaluate_classifier(tmp_path / "run", [str(NEWS / "unit_test.jsonl")], tmp_path / "run", log=lambda _m: None)
     m = json.loads(paths["json"].read_text())["metrics"]
     assert m["tuned"]["accuracy"] >= 0.85, (m["tuned"]["accuracy"], time.time() - start)
-    assert m["base"]["accuracy"] <= 0.5
+    # The base is the linear probe the head started from (mean pooling): tuning must not lose to it.
+    assert (tmp_path / "run" / "head_init.safetensors").is_file()
+    assert m["tuned"]["accuracy"] >= m["base"]["accuracy"] - 0.05
 
 
 def test_an_encoder_in_an_emulated_dtype_warns(monkeypatch, tiny_bert_dir: Path) -> None:

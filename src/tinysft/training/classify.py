@@ -149,18 +149,19 @@ def init_head_from_probe(model: MeanPoolClassifier, tokenizer, texts: list[str],
 
 def train_classifier(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Callable[[str], None] = print,
                      show_progress: bool = True, stop_after_steps: int | None = None,
-                     head_init: HeadInit = CLASSIFY_HEAD_INIT) -> TrainResult:
+                     head_init: HeadInit = CLASSIFY_HEAD_INIT, classify_defaults: bool = True) -> TrainResult:
     """Fine-tune an encoder with LoRA + a trained classification head on text/label rows.
 
     Resuming, refusing a finished or changed run, and ``stop_after_steps`` work as in
     ``training.sft.train``: the same loop (``loop.fit``) and checkpoints. ``head_init``: see
     CLASSIFY_HEAD_INIT ("probe" applies to mean-pooling encoders; others keep their random head).
-    A run whose loss ends at chance level logs a warning with the likely fix.
+    A run whose loss ends at chance level logs a warning with the likely fix. ``classify_defaults``
+    False keeps ``cfg`` exactly as given (the sweep uses it to run the chat defaults).
     """
     run_dir = Path(run_dir)
     cfg = copy.deepcopy(cfg)  # resolved below (model, labels, targets) and saved with the run
     cfg.model.name = classifier_model_name(cfg.model.name)
-    defaulted = apply_classify_defaults(cfg)
+    defaulted = apply_classify_defaults(cfg) if classify_defaults else []
     accelerator = make_accelerator(cfg)
     device, is_main = accelerator.device, accelerator.is_main_process
     say = log if is_main else (lambda _msg: None)
