@@ -386,10 +386,10 @@ def test_classification_defaults_replace_only_the_chat_defaults() -> None:
     changes = apply_classify_defaults(cfg)
     assert cfg.train.learning_rate == CLASSIFY_LEARNING_RATE and cfg.train.epochs == CLASSIFY_EPOCHS
     assert any(c.startswith("train.learning_rate") for c in changes)
-    mine = load_config(None, {"train": {"task": "classify", "learning_rate": 1e-3, "epochs": 2},
+    mine = load_config(None, {"train": {"task": "classify", "learning_rate": 1e-3, "epochs": 2, "threads": 2},
                               "data": {"max_length": 64}})
     assert apply_classify_defaults(mine) == []
-    assert (mine.train.learning_rate, mine.train.epochs, mine.data.max_length) == (1e-3, 2, 64)
+    assert (mine.train.learning_rate, mine.train.epochs, mine.data.max_length, mine.train.threads) == (1e-3, 2, 64, 2)
 
 
 def test_a_run_that_learns_nothing_warns_with_the_fix(tmp_path: Path, tiny_bert_dir: Path) -> None:

@@ -61,6 +61,9 @@ from tinysft.training.loop import (
 CLASSIFY_LEARNING_RATE = 2e-3
 CLASSIFY_EPOCHS = 5.0
 CLASSIFY_MAX_LENGTH = 256
+# One torch thread: a step's matmuls (8 rows of ~30 tokens through a 384-wide encoder) are too small to
+# split, and on a busy 2-core CPU two threads mostly wait on each other (docs/classification.md).
+CLASSIFY_THREADS = 1
 HeadInit = Literal["probe", "random"]
 # "probe": the head starts as a logistic regression on the frozen sentence embeddings of the
 # training rows (mean-pooling encoders only); "random": the layer's own random init.
@@ -78,7 +81,8 @@ def apply_classify_defaults(cfg: RunConfig) -> list[str]:
     for section, name, sft_default, value in (
             (cfg.train, "learning_rate", TrainConfig().learning_rate, CLASSIFY_LEARNING_RATE),
             (cfg.train, "epochs", TrainConfig().epochs, CLASSIFY_EPOCHS),
-            (cfg.data, "max_length", DataConfig().max_length, CLASSIFY_MAX_LENGTH)):
+            (cfg.data, "max_length", DataConfig().max_length, CLASSIFY_MAX_LENGTH),
+            (cfg.train, "threads", TrainConfig().threads, CLASSIFY_THREADS)):
         if getattr(section, name) == sft_default and value != sft_default:
             setattr(section, name, value)
             prefix = "train" if isinstance(section, TrainConfig) else "data"
