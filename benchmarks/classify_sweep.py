@@ -105,6 +105,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--set", required=True, choices=["movie-sentiment", "chat-topics"])
     parser.add_argument("--data", type=Path, default=HERE / "data")
+    parser.add_argument("--test", default="test", help="test split file name without .jsonl (test, test-large)")
     parser.add_argument("--configs", nargs="*", help="names from CONFIGS (default: all)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--distilbert", type=Path, help="a local DistilBERT folder for the seed's model family")
@@ -118,11 +119,11 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     folder = args.data / args.set
-    if not (folder / "train.jsonl").is_file():
+    if not (folder / f"{args.test}.jsonl").is_file():
         from classify_data import write_sets
 
         write_sets(args.data)
-    train, test = read_rows(folder / "train.jsonl"), read_rows(folder / "test.jsonl")
+    train, test = read_rows(folder / "train.jsonl"), read_rows(folder / f"{args.test}.jsonl")
     labels = sorted({r["label"] for r in train})
     model_dir = Path(ensure_embedded(DEFAULT_ENCODER))
     stamp = {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "set": args.set,
