@@ -58,8 +58,8 @@ from tinysft.training.loop import (
 
 # Classification defaults, used where the config still holds the SFT default of the same field.
 # Chosen by benchmarks/classify_sweep.py on two public sets (docs/classification.md has the table).
-CLASSIFY_LEARNING_RATE = 2e-3
-CLASSIFY_EPOCHS = 5.0
+CLASSIFY_LEARNING_RATE = 1e-3
+CLASSIFY_EPOCHS = 10.0
 CLASSIFY_MAX_LENGTH = 256
 # One torch thread: a step's matmuls (8 rows of ~30 tokens through a 384-wide encoder) are too small to
 # split, and on a busy 2-core CPU two threads mostly wait on each other (docs/classification.md).
