@@ -62,7 +62,8 @@ def atomic_save_dir(target: Path, write: Callable[[Path], None]) -> None:
 OUTPUT_MARKER = ".tinysft-output"
 FILES_RECORD = ".tinysft-files"
 # A training run's own layout (docs/DESIGN.md): files that appear in a run after it is marked.
-RUN_FILES = {"config.yaml", "manifest.json", "metrics.jsonl", "loss.png", "labels.json", "report.md", "report.json",
+RUN_FILES = {"config.yaml", "manifest.json", "metrics.jsonl", "loss.png", "labels.json", "head_init.safetensors",
+             "votes.jsonl", "report.md", "report.json",
              "report.html", OUTPUT_MARKER, FILES_RECORD}
 RUN_FOLDERS = {"adapter", "checkpoints", "tokenizer"}
 

@@ -1,7 +1,8 @@
 """Classification runs after training: load, predict, and evaluate base vs tuned.
 
-The base is the same model with the adapter (and the trained head) disabled: the untrained head
-is seeded as in training, so "base" is the classifier training started from.
+The base is the same model with the adapter (and the trained head) disabled: the head training
+started from, either the run's head_init.safetensors (a linear probe on the frozen embeddings) or the
+random head seeded as in training. So "base" is the classifier training started from.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from tinysft.evaluate.classification_report import write_classification_report
 from tinysft.models.encoder import class_logits, load_encoder, max_length_for
 from tinysft.models.load import load_run_config
 from tinysft.models.registry import ModelError
+from tinysft.training.classify import HEAD_INIT_FILE
 
 
 @dataclass
 class LoadedClassifier:
-    model: Any  # PeftModel: adapter enabled = tuned, `with model.disable_adapter()` = base (untrained head)
+    model: Any  # PeftModel: adapter enabled = tuned, `with model.disable_adapter()` = base (the starting head)
     tokenizer: Any
     labels: list[str]
     config: RunConfig
@@ -60,6 +62,16 @@ def load_classifier_run(run_dir: str | Path, device: torch.device | str | None =
     # Same seed as training: the base's untrained head is the one training started from.
     torch.manual_seed(cfg.train.seed)
     base, tokenizer, _, _ = load_encoder(cfg.model, labels, device, log=log)
+    head_init = run_dir / HEAD_INIT_FILE
+    if head_init.is_file() and hasattr(base, "classifier"):
+        from safetensors.torch import load_file
+
+        try:
+            base.classifier.load_state_dict(load_file(str(head_init)))
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise ModelError(f"{head_init}: does not fit the head of {cfg.model.name} ({first}); delete it to "
+                             "compare against a random head, or train the run again.") from None
     try:
         model = peft.PeftModel.from_pretrained(base, str(adapter), is_trainable=False)
     except Exception as e:
@@ -135,7 +147,7 @@ def evaluate_classifier(run_dir: str | Path, data_files: list[str], out_dir: str
     loaded = load_classifier_run(run_dir, log=log)
     rows = load_labeled(data_files, loaded.labels)
     texts, gold = [r.text for r in rows], [r.label for r in rows]
-    log(f"Classifying {len(rows)} rows with the base (untrained head) and the tuned model...")
+    log(f"Classifying {len(rows)} rows with the base (starting head, no adapter) and the tuned model...")
     base = predict_texts(loaded, texts, tuned=False)
     tuned = predict_texts(loaded, texts, tuned=True)
     result = {

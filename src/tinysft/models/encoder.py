@@ -4,13 +4,22 @@ Any Hugging Face model that ``AutoModelForSequenceClassification`` loads works (
 RoBERTa, DeBERTa, MiniLM, or a causal LM with a score head); the embedded default is
 all-MiniLM-L6-v2. Training is ``training.classify``; prediction and the report are
 ``evaluate.classification``.
+
+The head fits the encoder. A sentence-transformers folder (``modules.json`` with a
+``1_Pooling/config.json`` that asks for mean pooling, as all-MiniLM-L6-v2's does) was trained to be
+read through the mean of its token states, so it gets ``MeanPoolClassifier``: ``AutoModel`` + that
+mean (L2-normalised when the folder's pipeline normalises) + one Linear layer. Any other folder gets
+its own ``AutoModelForSequenceClassification`` head (BERT's pooler + classifier, DistilBERT's
+pre_classifier + classifier, ...), so a checkpoint that already has a head keeps it.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 
@@ -78,9 +87,97 @@ def new_head_modules(model: torch.nn.Module, missing_keys: Iterable[str]) -> lis
     return out
 
 
+Pooling = Literal["mean", "model"]
+
+
+def sentence_pooling(path: str | Path) -> tuple[Pooling, bool]:
+    """(pooling, normalise) for a model folder: ("mean", True/False) for a sentence-transformers folder
+    whose Pooling module asks for mean pooling (normalise = its pipeline has a Normalize module), else
+    ("model", False): the model's own sequence-classification head."""
+    folder = Path(path)
+    try:
+        modules = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
+        pooling = next(m for m in modules if str(m.get("type", "")).endswith(".Pooling"))
+        pool_cfg = json.loads((folder / pooling.get("path", "1_Pooling") / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, StopIteration, AttributeError, TypeError):
+        return "model", False
+    if not pool_cfg.get("pooling_mode_mean_tokens") or pool_cfg.get("pooling_mode_cls_token") \
+            or pool_cfg.get("pooling_mode_max_tokens"):
+        return "model", False
+    normalise = any(str(m.get("type", "")).endswith(".Normalize") for m in modules if isinstance(m, dict))
+    return "mean", normalise
+
+
+@dataclass
+class ClassifierOutput:
+    logits: torch.Tensor  # (B, num_labels)
+
+
+class MeanPoolClassifier(torch.nn.Module):
+    """A sentence-transformers encoder read as it was trained: mean of the token states over the
+    attention mask (B, T, H) -> (B, H), L2-normalised when ``normalise``, then ``classifier``
+    (Linear H -> num_labels). Its ``config`` is the encoder's, with the label maps set, so PEFT's
+    SEQ_CLS wrapper and ``class_logits`` treat it like any ``...ForSequenceClassification``.
+
+    Plain PEFT reload: ``PeftModel.from_pretrained(MeanPoolClassifier.from_pretrained(base, labels),
+    run/adapter)`` (see docs/classification.md).
+    """
+
+    def __init__(self, body: torch.nn.Module, num_labels: int, normalise: bool = True) -> None:
+        super().__init__()
+        self.body = body
+        self.config = body.config
+        self.normalise = normalise
+        self.classifier = torch.nn.Linear(body.config.hidden_size, num_labels)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, labels: list[str], *, normalise: bool | None = None,
+                        **kwargs: Any) -> MeanPoolClassifier:
+        """``AutoModel.from_pretrained(path, **kwargs)`` under a new head for ``labels``."""
+        from transformers import AutoModel
+
+        body = AutoModel.from_pretrained(str(path), **kwargs)
+        if normalise is None:
+            normalise = sentence_pooling(path)[1]
+        model = cls(body, len(labels), normalise)
+        model.config.num_labels = len(labels)
+        model.config.id2label = dict(enumerate(labels))
+        model.config.label2id = {label: i for i, label in enumerate(labels)}
+        return model.to(body.dtype)
+
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The sentence embedding (B, H), in float32."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        states = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        mask = attention_mask.unsqueeze(-1).to(states.dtype)  # (B, T, 1): padding adds nothing
+        mean = (states * mask).sum(1).float() / mask.sum(1).float().clamp(min=1.0)
+        return torch.nn.functional.normalize(mean, dim=-1) if self.normalise else mean
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                **_ignored: Any) -> ClassifierOutput:
+        # PEFT's SEQ_CLS wrapper passes labels / output_* / return_dict: the loss is the caller's.
+        assert input_ids is not None, "MeanPoolClassifier needs input_ids"
+        pooled = self.pooled(input_ids, attention_mask)
+        return ClassifierOutput(self.classifier(pooled.to(self.classifier.weight.dtype)))
+
+    @property
+    def supports_gradient_checkpointing(self) -> bool:
+        return bool(getattr(self.body, "supports_gradient_checkpointing", False))
+
+    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
+        self.body.gradient_checkpointing_enable(**kwargs)
+
+    def enable_input_require_grads(self) -> None:
+        self.body.enable_input_require_grads()
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.body.get_input_embeddings()
+
+
 def load_encoder(cfg: ModelConfig, labels: list[str], device: torch.device | str = "cpu",
                  log: Callable[[str], None] = print) -> tuple[Any, Any, str, list[str]]:
-    """Load ``AutoModelForSequenceClassification`` with ``len(labels)`` outputs, frozen.
+    """Load the encoder with a new ``len(labels)``-way head (see the module docstring for which), frozen.
 
     Returns (model, tokenizer, resolved path, names of the newly initialised head modules).
     """
@@ -94,12 +191,19 @@ def load_encoder(cfg: ModelConfig, labels: list[str], device: torch.device | str
     dtype = torch.float32 if cfg.dtype == "auto" else resolve_dtype(cfg.dtype, device)
     if emulated_on_cpu(dtype, device):
         log(emulated_warning(dtype, f"model.dtype={cfg.dtype}"))
+    pooling, normalise = sentence_pooling(path)
     try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={label: i for i, label in enumerate(labels)}, problem_type="single_label_classification",
-            dtype=dtype, trust_remote_code=cfg.trust_remote_code,
-            use_safetensors=None if cfg.allow_pickle else True, output_loading_info=True, **HUB_KERNELS_OFF)
+        if pooling == "mean":
+            model = MeanPoolClassifier.from_pretrained(
+                path, labels, normalise=normalise, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+                use_safetensors=None if cfg.allow_pickle else True, **HUB_KERNELS_OFF)
+            info = {"missing_keys": ["classifier.weight", "classifier.bias"]}
+        else:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                label2id={label: i for i, label in enumerate(labels)}, problem_type="single_label_classification",
+                dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+                use_safetensors=None if cfg.allow_pickle else True, output_loading_info=True, **HUB_KERNELS_OFF)
     except Exception as e:  # transformers raises many types for an unusable folder
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise ModelError(f"{path}: could not load it as a sequence classifier ({first}). Pass an encoder "
@@ -166,3 +270,47 @@ def class_logits(model: Any, tokenizer: Any, texts: list[str], *, max_length: in
             out[i] = row
     model.train(was_training)
     return torch.stack(out) if out else torch.zeros((0, model.config.num_labels))  # type: ignore[arg-type]
+
+
+@torch.no_grad()
+def sentence_embeddings(model: MeanPoolClassifier, tokenizer: Any, texts: list[str], *, max_length: int = 512,
+                        batch_size: int = 32, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The frozen encoder's pooled embeddings (N, H), float32, in the order of ``texts``."""
+    was_training = model.training
+    model.eval()
+    ids, _ = encode(tokenizer, texts, max_length)
+    out = torch.zeros((len(ids), model.config.hidden_size))
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        b = collate([ids[i] for i in chunk], [0] * len(chunk), tokenizer.pad_token_id).to(device)
+        out[chunk] = model.pooled(b.input_ids, b.attention_mask).cpu()
+    model.train(was_training)
+    return out
+
+
+def fit_linear_probe(features: torch.Tensor, targets: torch.Tensor, num_labels: int, *,
+                     c: float = 1.0, steps: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression on frozen features (N, H) -> (weight (K, H), bias (K,)).
+
+    The objective is scikit-learn's ``LogisticRegression(C=c)``: summed cross-entropy + ||W||^2 / 2
+    (bias unpenalised), minimised with L-BFGS. Used to start the head where a linear probe ends
+    (LP-FT, Kumar et al. 2022): the LoRA updates then refine a sensible classifier instead of
+    being pulled around by a random head, and the regularised head stays soft enough that its
+    gradients still reach the encoder.
+    """
+    x, y = features.float(), targets.long()
+    weight = torch.zeros((num_labels, x.shape[1]), requires_grad=True)
+    bias = torch.zeros(num_labels, requires_grad=True)
+    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x @ weight.T + bias, y, reduction="sum") * c \
+            + 0.5 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return weight.detach(), bias.detach()

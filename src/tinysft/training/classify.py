@@ -2,36 +2,47 @@
 ``loop.fit``.
 
 Run directory: the SFT layout (``training.checkpoints``) plus labels.json (label names in
-class-index order). The adapter is PEFT's SEQ_CLS format; the classification head rides along
-in modules_to_save, so ``PeftModel.from_pretrained(AutoModelForSequenceClassification
-.from_pretrained(base, num_labels=N), run/adapter)`` restores the tuned classifier.
+class-index order) and, when the head started from a linear probe, head_init.safetensors (that
+starting head: the "base" of the report). The adapter is PEFT's SEQ_CLS format; the classification
+head rides along in modules_to_save, so ``PeftModel.from_pretrained(AutoModelForSequenceClassification
+.from_pretrained(base, num_labels=N), run/adapter)`` restores the tuned classifier of a plain encoder,
+and ``PeftModel.from_pretrained(MeanPoolClassifier.from_pretrained(base, labels), run/adapter)`` that
+of a sentence-transformers encoder (``models.encoder``).
+
+Options the user leaves at the config's defaults (which are the SFT's) take the classification
+defaults below, chosen by the sweep in benchmarks/classify_sweep.py (docs/classification.md).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import random
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from tinysft.config import RunConfig
+from tinysft.config import DataConfig, RunConfig, TrainConfig
 from tinysft.data.formats import LabeledText
 from tinysft.data.rules import require_two_labels
 from tinysft.data.validate import DataError, Problem, load_labeled
 from tinysft.files import atomic_write_text, mark_output
 from tinysft.models.encoder import (
     EncodedBatch,
+    MeanPoolClassifier,
     choose_target_modules,
     class_logits,
     classifier_model_name,
     collate,
     encode,
+    fit_linear_probe,
     load_encoder,
     max_length_for,
+    sentence_embeddings,
 )
 from tinysft.models.load import add_lora
 from tinysft.training.checkpoints import load_adapter_weights, resume_point, write_manifest
@@ -45,6 +56,57 @@ from tinysft.training.loop import (
     make_scheduler,
     schedule_steps,
 )
+
+# Classification defaults, used where the config still holds the SFT default of the same field.
+# Chosen by benchmarks/classify_sweep.py on two public sets (docs/classification.md has the table).
+CLASSIFY_LEARNING_RATE = 1e-3
+CLASSIFY_EPOCHS = 10.0
+CLASSIFY_MAX_LENGTH = 256
+# One torch thread: a step's matmuls (8 rows of ~30 tokens through a 384-wide encoder) are too small to
+# split, and on a busy 2-core CPU two threads mostly wait on each other (docs/classification.md).
+CLASSIFY_THREADS = 1
+HeadInit = Literal["probe", "random"]
+# "probe": the head starts as a logistic regression on the frozen sentence embeddings of the
+# training rows (mean-pooling encoders only); "random": the layer's own random init.
+CLASSIFY_HEAD_INIT: HeadInit = "probe"
+HEAD_INIT_FILE = "head_init.safetensors"
+
+
+def apply_classify_defaults(cfg: RunConfig) -> list[str]:
+    """Replace fields still at the (SFT) config defaults with the classification defaults, in place.
+
+    Returns "field: old -> new" for each change, to log. A value the user set equal to the SFT
+    default is indistinguishable from an unset one, so it is replaced too (the log says so).
+    """
+    changes = []
+    for section, name, sft_default, value in (
+            (cfg.train, "learning_rate", TrainConfig().learning_rate, CLASSIFY_LEARNING_RATE),
+            (cfg.train, "epochs", TrainConfig().epochs, CLASSIFY_EPOCHS),
+            (cfg.data, "max_length", DataConfig().max_length, CLASSIFY_MAX_LENGTH),
+            (cfg.train, "threads", TrainConfig().threads, CLASSIFY_THREADS)):
+        if getattr(section, name) == sft_default and value != sft_default:
+            setattr(section, name, value)
+            prefix = "train" if isinstance(section, TrainConfig) else "data"
+            changes.append(f"{prefix}.{name}: {sft_default:g} -> {value:g}")
+    return changes
+
+
+def chance_level_warning(losses: list[float], num_labels: int) -> str | None:
+    """A warning when the training loss ended where it started, at chance (~ln(num_labels)), else None.
+
+    ``losses``: the logged training losses in order. "Ended where it started": the last loss is
+    within 10% of ln(num_labels) and no lower than 90% of the first.
+    """
+    if len(losses) < 2:
+        return None
+    chance = math.log(num_labels)
+    first, last = losses[0], losses[-1]
+    if abs(last - chance) <= 0.1 * chance and last >= 0.9 * first:
+        return (f"Warning: the training loss ended at {last:.3f}, where it started ({first:.3f}) and at chance level "
+                f"(ln {num_labels} = {chance:.3f}): the classifier learned nothing. Likely fixes: a higher "
+                f"train.learning_rate (classification default {CLASSIFY_LEARNING_RATE:g}), more train.epochs, "
+                "and check that the labels belong to their texts (a shuffled label column cannot be learned).")
+    return None
 
 
 def infer_labels(rows: list[LabeledText]) -> list[str]:
@@ -74,16 +136,34 @@ def load_data(cfg: RunConfig) -> tuple[list[LabeledText], list[LabeledText], lis
     return train_rows, eval_rows, labels
 
 
+def init_head_from_probe(model: MeanPoolClassifier, tokenizer, texts: list[str], targets: list[int], *,
+                         max_length: int, device: torch.device | str) -> float:
+    """Set ``model.classifier`` to a logistic regression on the frozen embeddings of ``texts``;
+    returns its training accuracy."""
+    features = sentence_embeddings(model, tokenizer, texts, max_length=max_length, device=device)
+    y = torch.tensor(targets)
+    weight, bias = fit_linear_probe(features, y, model.classifier.out_features)
+    with torch.no_grad():
+        model.classifier.weight.copy_(weight)
+        model.classifier.bias.copy_(bias)
+    return float(((features @ weight.T + bias).argmax(-1) == y).float().mean())
+
+
 def train_classifier(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Callable[[str], None] = print,
-                     show_progress: bool = True, stop_after_steps: int | None = None) -> TrainResult:
+                     show_progress: bool = True, stop_after_steps: int | None = None,
+                     head_init: HeadInit = CLASSIFY_HEAD_INIT, classify_defaults: bool = True) -> TrainResult:
     """Fine-tune an encoder with LoRA + a trained classification head on text/label rows.
 
     Resuming, refusing a finished or changed run, and ``stop_after_steps`` work as in
-    ``training.sft.train``: the same loop (``loop.fit``) and checkpoints.
+    ``training.sft.train``: the same loop (``loop.fit``) and checkpoints. ``head_init``: see
+    CLASSIFY_HEAD_INIT ("probe" applies to mean-pooling encoders; others keep their random head).
+    A run whose loss ends at chance level logs a warning with the likely fix. ``classify_defaults``
+    False keeps ``cfg`` exactly as given (the sweep uses it to run the chat defaults).
     """
     run_dir = Path(run_dir)
     cfg = copy.deepcopy(cfg)  # resolved below (model, labels, targets) and saved with the run
     cfg.model.name = classifier_model_name(cfg.model.name)
+    defaulted = apply_classify_defaults(cfg) if classify_defaults else []
     accelerator = make_accelerator(cfg, run_dir)
     device, is_main = accelerator.device, accelerator.is_main_process
     say = log if is_main else (lambda _msg: None)
@@ -109,6 +189,26 @@ def train_classifier(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fals
     accelerator.wait_for_everyone()
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+    head_file = run_dir / HEAD_INIT_FILE
+    if head_init == "probe" and isinstance(base, MeanPoolClassifier):
+        if existing is not None and head_file.is_file():
+            from safetensors.torch import load_file
+
+            base.classifier.load_state_dict(load_file(str(head_file)))
+        else:
+            probe_acc = init_head_from_probe(base, tokenizer, [r.text for r in train_rows],
+                                             [label_index[r.label] for r in train_rows],
+                                             max_length=max_length_for(cfg, base), device=device)
+            say(f"Head initialised as a logistic regression on the frozen embeddings (training accuracy "
+                f"{probe_acc:.2f}).")
+        if is_main:
+            from safetensors.torch import save_file
+
+            tmp = head_file.with_suffix(".tmp")
+            save_file({k: v.detach().cpu().contiguous() for k, v in base.classifier.state_dict().items()}, str(tmp))
+            tmp.replace(head_file)
+    elif is_main and head_file.is_file():
+        head_file.unlink()  # a stale probe head from an earlier run in this folder is not this run's base
     # PEFT's SEQ_CLS task already trains and saves modules named classifier / score; add the others.
     model = add_lora(base, cfg.lora, task_type="SEQ_CLS",
                      modules_to_save=[h for h in head if h not in ("classifier", "score")] or None)
@@ -118,6 +218,8 @@ def train_classifier(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fals
     train_targets = [label_index[r.label] for r in train_rows]
     eval_texts, eval_targets = [r.text for r in eval_rows], torch.tensor([label_index[r.label] for r in eval_rows])
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if defaulted:
+        say("Classification defaults (where the config had the chat defaults): " + "; ".join(defaulted) + ".")
     say(f"{cfg.model.name}: classifying into {len(labels)} labels ({', '.join(labels)}): {len(train_rows)} training rows, "
         f"{len(eval_rows)} eval rows; LoRA on {cfg.lora.target_modules}, trained head: {', '.join(saved)}; "
         f"{n_trainable:,} trainable parameters.")
@@ -180,6 +282,10 @@ def train_classifier(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fals
                 "eval_accuracy": float((logits.argmax(-1) == eval_targets).float().mean())}
 
     task = Task(epoch_batches, plan_step, evaluate if eval_texts else None, log_extras)
-    return fit(task, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, cfg=cfg.train,
-               run_dir=run_dir, steps_per_epoch=steps_per_epoch, total_steps=total_steps, resume_from=existing,
-               log=log, show_progress=show_progress, stop_after_steps=stop_after_steps)
+    result = fit(task, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, cfg=cfg.train,
+                 run_dir=run_dir, steps_per_epoch=steps_per_epoch, total_steps=total_steps, resume_from=existing,
+                 log=log, show_progress=show_progress, stop_after_steps=stop_after_steps)
+    warning = chance_level_warning([float(h["loss"]) for h in result.history if "loss" in h], len(labels))
+    if warning:
+        say(warning)
+    return result
