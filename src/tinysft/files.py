@@ -63,8 +63,9 @@ OUTPUT_MARKER = ".tinysft-output"
 FILES_RECORD = ".tinysft-files"
 # A training run's own layout (docs/DESIGN.md): files that appear in a run after it is marked.
 RUN_FILES = {"config.yaml", "manifest.json", "metrics.jsonl", "loss.png", "labels.json", "head_init.safetensors",
-             "votes.jsonl", "report.md", "report.json",
-             "report.html", OUTPUT_MARKER, FILES_RECORD}
+             "report.md", "report.json", "report.html", OUTPUT_MARKER, FILES_RECORD}
+# votes.jsonl (the web page's blind votes) is left out on purpose: a person's judgements are theirs,
+# so a run holding votes is never replaced by --force.
 RUN_FOLDERS = {"adapter", "checkpoints", "tokenizer"}
 
 
