@@ -253,9 +253,12 @@ def test_embedded_encoder_learns_news_topics(tmp_path: Path) -> None:
     from tinysft.training import train_classifier
 
     cfg = load_config(NEWS / "config.yaml", {"train": {"epochs": 1}, "data": {"eval": []}})
+    heldout = NEWS / "val.jsonl"  # 240 rows; unit_test.jsonl is a subset of train.jsonl (memorisation, not held out)
+    texts = {json.loads(line)["text"] for f in cfg.data.train for line in Path(f).read_text().splitlines()}
+    assert not texts & {json.loads(line)["text"] for line in heldout.read_text().splitlines()}, "held-out rows trained on"
     start = time.time()
     train_classifier(cfg, tmp_path / "run", log=lambda _m: None, show_progress=False)
-    paths = evaluate_classifier(tmp_path / "run", [str(NEWS / "unit_test.jsonl")], tmp_path / "run", log=lambda _m: None)
+    paths = evaluate_classifier(tmp_path / "run", [str(heldout)], tmp_path / "run", log=lambda _m: None)
     m = json.loads(paths["json"].read_text())["metrics"]
     assert m["tuned"]["accuracy"] >= 0.85, (m["tuned"]["accuracy"], time.time() - start)
     # The base is the linear probe the head started from (mean pooling): tuning must not lose to it.
