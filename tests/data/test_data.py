@@ -285,4 +285,5 @@ def test_json_array_and_csv_files_name_the_element_or_the_file(tmp_path: Path) -
                                                    "column 13 (char 12)) — fix the JSON, or write JSONL")
     latin = tmp_path / "c.csv"
     latin.write_bytes(b"text,label\ncaf\xe9,x\n")
-    assert message(latin, load_labeled) == f"{latin}: (file): is not valid UTF-8 (byte 14) — re-save as UTF-8"
+    # The first bad line and the byte within it (the first line is valid text).
+    assert message(latin, load_labeled) == f"{latin}:2: (line): is not valid UTF-8 (byte 3) — re-save the file as UTF-8"
