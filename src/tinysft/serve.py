@@ -501,9 +501,10 @@ def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api
           model_name: str | None = None, limits: ServeLimits | None = None,
           log: Callable[[str], None] = print) -> None:
     """Load the run and serve it until interrupted (Ctrl-C)."""
-    import uvicorn
+    from tinysft.ports import bind_port, run_on_socket
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    sock = bind_port(host, port)  # a busy port fails now, not after the model has loaded
     loaded = load_run(run_dir, device=device, log=log)
     app = create_app(loaded, api_key=api_key, model_name=model_name, limits=limits, log=log)
     if not is_loopback(host):
@@ -511,4 +512,4 @@ def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api
             + ("." if api_key else " WITHOUT an API key — anyone who can reach it can use it; pass --api-key."))
     log(f"Serving models {', '.join(app.state.model_names)} at http://{host}:{port}/v1 "
         f"(OpenAI-compatible{', API key required' if api_key else ''}). Ctrl-C to stop.")
-    uvicorn.run(app, host=host, port=port, log_level="warning", server_header=False, timeout_graceful_shutdown=5)
+    run_on_socket(app, sock)
