@@ -339,11 +339,9 @@ def eval_cmd(
     Example: tinysft eval runs/demo --prompts examples/polite-helper/heldout.jsonl --eval-data examples/chat-bench/val.jsonl
     """
     from tinysft.config import load_config
+    from tinysft.models.load import check_run_dir
 
-    if not (run_dir / "config.yaml").is_file():
-        from tinysft.models.registry import ModelError
-
-        raise ModelError(f"{run_dir}: not a tinysft run directory (no config.yaml) — pass the folder `tinysft train --out` wrote.")
+    check_run_dir(run_dir)  # before any prompt file or model is read
     cfg = load_config(run_dir / "config.yaml")
     target = out_dir or run_dir
     if cfg.train.task == "classify":

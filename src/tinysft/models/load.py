@@ -367,6 +367,20 @@ class LoadedRun:
     run_dir: Path
 
 
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse, with the fix, a folder that is not a finished run: no config.yaml, a config folder
+    (config.yaml but nothing trained), or a run that stopped before writing its adapter."""
+    if not (run_dir / "config.yaml").is_file():
+        raise ModelError(f"{run_dir}: not a tinysft run directory (no config.yaml) — pass the folder `tinysft train --out` wrote.")
+    if (run_dir / "adapter" / "adapter_config.json").is_file():
+        return
+    if not (run_dir / "checkpoints").is_dir() and not (run_dir / "metrics.jsonl").is_file():
+        raise ModelError(f"{run_dir}: has a config.yaml but no adapter/ or checkpoints/, so it is not a run that "
+                         "tinysft trained (a config folder?) — train it first: tinysft train "
+                         f"{run_dir / 'config.yaml'} --out runs/NAME, then pass runs/NAME.")
+    raise ModelError(f"{run_dir}: no adapter/adapter_config.json — the run did not finish; rerun `tinysft train` with --resume.")
+
+
 def load_run(run_dir: str | Path, device: torch.device | str = "cpu", log=print, dequantize: bool = False,
              dtype: str | None = None) -> LoadedRun:
     """Load a run directory's base model with its adapter, ready for generation.
@@ -382,15 +396,8 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", log=print,
     from tinysft.data.templates import apply_chat_template
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ModelError(f"{run_dir}: not a tinysft run directory (no config.yaml) — pass the folder `tinysft train --out` wrote.")
+    check_run_dir(run_dir)
     adapter = run_dir / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        if not (run_dir / "checkpoints").is_dir() and not (run_dir / "metrics.jsonl").is_file():
-            raise ModelError(f"{run_dir}: has a config.yaml but no adapter/ or checkpoints/, so it is not a run that "
-                             "tinysft trained (a config folder?) — train it first: tinysft train "
-                             f"{run_dir / 'config.yaml'} --out runs/NAME, then pass runs/NAME.")
-        raise ModelError(f"{run_dir}: no adapter/adapter_config.json — the run did not finish; rerun `tinysft train` with --resume.")
     cfg = load_config(run_dir / "config.yaml")
     if cfg.train.task == "classify":
         raise ModelError(f"{run_dir}: this is a classification run; use `tinysft predict` or `tinysft eval --data`.")
