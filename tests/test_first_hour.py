@@ -166,3 +166,62 @@ def test_import_is_fast_and_loads_no_torch() -> None:
     code = "import sys, tinysft; print('torch' in sys.modules, tinysft.__version__)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.split()[0] == "False", proc.stdout + proc.stderr
+
+
+# ---- the README's quickstart ------------------------------------------------------------------------
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_blocks(language: str) -> list[str]:
+    text = README.read_text(encoding="utf-8")
+    return [block.split("\n", 1)[1] for block in text.split("```")[1::2] if block.startswith(language + "\n")]
+
+
+def readme_commands() -> list[list[str]]:
+    """Every `tinysft ...` line of the README's bash blocks, split as the shell would, comments dropped."""
+    import shlex
+
+    lines = [line for block in readme_blocks("bash") for line in block.splitlines()]
+    return [shlex.split(line, comments=True) for line in lines if line.startswith("tinysft ")]
+
+
+def test_every_readme_command_parses_with_the_real_cli() -> None:
+    """Each command line of the README parses: the subcommand exists, every flag exists and takes the
+    value written (click builds the context without running the command)."""
+    import typer.main
+
+    from tinysft.cli import app
+
+    group = typer.main.get_command(app)
+    commands = readme_commands()
+    assert len(commands) >= 25
+    for argv in commands:
+        args = argv[1:]
+        if args == ["--version"] or args == ["--install-completion"]:
+            continue
+        command, rest = group, args
+        while hasattr(command, "commands") and rest and rest[0] in command.commands:
+            command, rest = command.commands[rest[0]], rest[1:]
+        assert command is not group, argv
+        command.make_context(" ".join(argv[:2]), list(rest), resilient_parsing=False)
+
+
+def test_readme_example_files_exist() -> None:
+    import re
+
+    text = README.read_text(encoding="utf-8")
+    paths = set(re.findall(r"(?:examples|docs)/[\w./-]+\.(?:jsonl|yaml|md|png)", text))
+    assert len(paths) >= 8
+    for path in paths:
+        assert (README.parent / path).is_file(), path
+
+
+@pytest.mark.integration  # the real embedded model, ten steps
+def test_readme_python_block_runs(tmp_path: Path) -> None:
+    (block,) = readme_blocks("python")
+    (tmp_path / "examples").symlink_to(EXAMPLES)
+    proc = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, cwd=tmp_path, timeout=3000)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "accuracy" in proc.stdout or "n" in proc.stdout
+    assert (tmp_path / "runs" / "notebook" / "report.json").is_file()
