@@ -122,3 +122,11 @@ def test_classification_csv_to_chat_train_is_one_hint(tmp_path: Path) -> None:
         assert "role marker" not in proc.stderr and "Traceback" not in proc.stderr
         assert proc.stderr.count("classification data") == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_hub_dataset_name_offline_is_one_clean_problem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError) as e:
+        load_conversations(["hf:someone/some-data"])
+    assert "hf:someone/some-data" in str(e.value) and "could not be loaded from the hub" in str(e.value)
+    assert "parquet" in str(e.value)  # the way out: download it and pass the file

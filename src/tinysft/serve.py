@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tinysft.data.render import render_prompt
 from tinysft.evaluate.generate import adapter_state, stop_ids
-from tinysft.models.load import LoadedRun, load_run
+from tinysft.models.load import LoadedRun, check_run_dir, load_run
 
 
 @dataclass
@@ -504,6 +504,7 @@ def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api
     from tinysft.ports import bind_port, run_on_socket
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_run_dir(Path(run_dir))  # the cheap checks first, then the port, then the minutes of loading
     sock = bind_port(host, port)  # a busy port fails now, not after the model has loaded
     loaded = load_run(run_dir, device=device, log=log)
     app = create_app(loaded, api_key=api_key, model_name=model_name, limits=limits, log=log)

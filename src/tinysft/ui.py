@@ -326,7 +326,7 @@ def serve_ui(run_dirs: list[str | Path], *, host: str = "127.0.0.1", port: int =
     import torch
 
     from tinysft.config import ConfigError
-    from tinysft.models.load import load_run
+    from tinysft.models.load import check_run_dir, load_run
     from tinysft.ports import bind_port, run_on_socket
 
     if not 1 <= len(run_dirs) <= 2:
@@ -334,6 +334,8 @@ def serve_ui(run_dirs: list[str | Path], *, host: str = "127.0.0.1", port: int =
     if api_key is not None and not api_key:
         raise ConfigError("ui: --api-key is empty; give a key or leave the option out.")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    for run_dir in run_dirs:  # the cheap checks first, then the port, then the minutes of loading
+        check_run_dir(Path(run_dir))
     sock = bind_port(host, port)  # a busy port fails now, not after the model has loaded
     loaded_a = load_run(run_dirs[0], device=device, log=log)
     if len(run_dirs) == 2:
