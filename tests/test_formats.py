@@ -97,14 +97,18 @@ def _train(tmp_path: Path, data: Path | str, tiny_model_dir: Path, name: str, ex
 
 
 def test_each_new_format_trains_a_few_steps(tmp_path: Path, tiny_model_dir: Path) -> None:
+    import datasets
     import pandas as pd
 
     pd.DataFrame([{"prompt": q, "response": a} for q, a in PAIRS]).to_parquet(tmp_path / "d.parquet")
+    datasets.Dataset.from_list(SHAREGPT).save_to_disk(str(tmp_path / "saved"))
     files = {"sharegpt": write_jsonl(tmp_path / "s.jsonl", SHAREGPT),
              "parts": write_jsonl(tmp_path / "m.jsonl", PARTS),
-             "parquet": tmp_path / "d.parquet"}
+             "parquet": tmp_path / "d.parquet",
+             "datasets_folder": tmp_path / "saved"}
     for name, path in files.items():
-        _train(tmp_path, path, tiny_model_dir, name)
+        run = _train(tmp_path, path, tiny_model_dir, name)
+        assert json.loads((run / "manifest.json").read_text())["data_sha256"][str(path)]  # hashed, folder or file
     # TRL preference rows feed the preference term: its loss is logged, so the `rejected` answers were used.
     run = _train(tmp_path, write_jsonl(tmp_path / "p.jsonl", TRL_CONVERSATIONAL), tiny_model_dir, "pref",
                  {"train.preference_weight": 0.1, "train.log_every": 1})

@@ -122,3 +122,23 @@ def _hub_rows(spec: str) -> list[dict[str, Any]]:
         raise TableError(f"could not be loaded from the hub ({type(e).__name__}: {str(e).splitlines()[0][:160]})",
                          "check the name and split and the network (or HF_HUB_OFFLINE), or download it and "
                          "pass the parquet file") from None
+
+
+def source_sha256(path: str | Path) -> str:
+    """The sha256 that the run's manifest records for a data source: of the file's bytes; of a
+    folder's files (names and bytes, in sorted order); of the name alone for ``hf:OWNER/NAME``
+    (the hub's copy can change under the same name, which the manifest then cannot tell)."""
+    import hashlib
+
+    text = str(path)
+    digest = hashlib.sha256()
+    if text.startswith(HUB_PREFIX):
+        digest.update(text.encode())
+        return "name:" + digest.hexdigest()
+    p = Path(text)
+    if p.is_dir():
+        for file in sorted(f for f in p.rglob("*") if f.is_file()):
+            digest.update(str(file.relative_to(p)).encode() + b"\0")
+            digest.update(file.read_bytes())
+        return digest.hexdigest()
+    return hashlib.sha256(p.read_bytes()).hexdigest()
