@@ -352,6 +352,7 @@ def eval_cmd(
         out.print(f"Accuracy {m['base']['accuracy']:.3f} -> {m['tuned']['accuracy']:.3f}, weighted F1 "
                   f"{m['base']['f1_weighted']:.3f} -> {m['tuned']['f1_weighted']:.3f} (base -> tuned, {m['tuned']['n']} rows)")
         out.print(f"Report: {paths['md']}  ({paths['html']})")
+        _adapter_card(run_dir, target)
         return
     from tinysft.pipeline import default_forgetting_set, evaluate_run, summary_table
 
@@ -366,6 +367,15 @@ def eval_cmd(
 
     out.print(summary_table(comp))
     out.print(f"Report: {paths['md']}  ({paths['html']})")
+    _adapter_card(run_dir, target)
+
+
+def _adapter_card(run_dir: Path, report_dir: Path) -> None:
+    """The adapter's README.md (model card) gains the before/after summary once the run is evaluated."""
+    if report_dir.resolve() == run_dir.resolve() and (run_dir / "adapter").is_dir():
+        from tinysft.model_card import write_model_card
+
+        write_model_card(run_dir / "adapter", run_dir)
 
 
 @app.command()
