@@ -221,7 +221,11 @@ def test_readme_example_files_exist() -> None:
 def test_readme_python_block_runs(tmp_path: Path) -> None:
     (block,) = readme_blocks("python")
     (tmp_path / "examples").symlink_to(EXAMPLES)
-    proc = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, cwd=tmp_path, timeout=3000)
+    import tinysft
+
+    env = {**os.environ, "PYTHONPATH": str(Path(tinysft.__file__).resolve().parents[1])}  # this tinysft, from any cwd
+    proc = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, cwd=tmp_path, timeout=3000,
+                          env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "accuracy" in proc.stdout or "n" in proc.stdout
     assert (tmp_path / "runs" / "notebook" / "report.json").is_file()
