@@ -98,3 +98,18 @@ def test_modelfile_without_a_known_format_relies_on_the_gguf_template() -> None:
 
     pairs = parse_modelfile(modelfile_text("m.gguf", Tok()))
     assert [w for w, _ in pairs] == ["FROM", "PARAMETER"] and pairs[1][1] == 'stop "<eos>"'
+
+
+def test_merge_writes_the_card_and_export_the_modelfile(run: Path, tmp_path: Path) -> None:
+    merged = tmp_path / "merged"
+    proc = subprocess.run([sys.executable, "-m", "tinysft", "merge", str(run), "--out", str(merged)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    card = (merged / "README.md").read_text()
+    assert "library_name: transformers" in card and "## Config" in card
+    gguf = tmp_path / "tiny.gguf"
+    proc = subprocess.run([sys.executable, "-m", "tinysft", "export", str(run), "--format", "gguf", "--out", str(gguf)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    pairs = parse_modelfile((tmp_path / "tiny.Modelfile").read_text())
+    assert ("FROM", "./tiny.gguf") in pairs and any(w == "TEMPLATE" for w, _ in pairs)
