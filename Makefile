@@ -13,7 +13,7 @@ $(BIN)/tinysft: pyproject.toml
 	# CPU build first, explicitly: a bare `torch` requirement would pull a multi-GB CUDA build.
 	# For a GPU: make install TORCH="torch --index-url <your CUDA wheel index>"
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e ".[dev,qlora,bench]"
+	$(BIN)/pip install -q -e ".[dev,qlora,bench,formats]"
 	# tcmalloc makes CPU training ~25% faster (tinysft/models/cpu/allocator.py); best effort, where apt-get runs.
 	-$(BIN)/python -c "import sys; from tinysft.models.cpu.allocator import tcmalloc_path; sys.exit(tcmalloc_path() is None)" \
 		|| { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && { apt-get install -y -q --no-install-recommends libtcmalloc-minimal4 \

@@ -20,6 +20,7 @@ import typer
 from rich.console import Console
 
 from tinysft.files import check_replaceable, write_output_text
+from tinysft.shipped import examples_dir
 
 # Quiet the libraries' own progress bars and deprecation chatter; tinysft prints its own progress.
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -28,14 +29,51 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="LoRA / QLoRA fine-tuning for small language models, with a before/after report.")
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="LoRA / QLoRA fine-tuning for small language models, with a before/after report.\n\n"
+                  "Shell completion: tinysft --install-completion (bash, zsh, fish, PowerShell).")
 data_app = typer.Typer(no_args_is_help=True, help="Validate and inspect training data.")
 app.add_typer(data_app, name="data")
 out = Console()
 err = Console(stderr=True, soft_wrap=True)  # one paragraph per error, not wrapped at 80 columns
 
-EXAMPLES = Path(os.environ.get("TINYSFT_EXAMPLES", Path(__file__).resolve().parents[2] / "examples"))
+EXAMPLES = examples_dir()
+
+
+def _hide_flag_types() -> None:
+    """typer's help shows `<bool>` beside on/off flags (`--strict <bool>`), which reads as if a value
+    were expected (`--strict true` then fails): show flags bare, as click does."""
+    from typer.core import TyperOption
+
+    shown = getattr(TyperOption, "display_type_rich", None)
+    if shown is None or getattr(shown, "flags_bare", False):
+        return
+
+    def display_type_rich(self: Any, ctx: Any) -> str | None:
+        return None if self.is_flag else shown(self, ctx)
+
+    display_type_rich.flags_bare = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
+_hide_flag_types()
+
+
+def _version(value: bool) -> None:
+    if value:
+        from tinysft import __version__
+
+        out.print(f"tinysft {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit")] = False) -> None:
+    """LoRA / QLoRA fine-tuning for small language models, with a before/after report.
+
+    Shell completion: tinysft --install-completion (bash, zsh, fish, PowerShell).
+    """
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -45,11 +83,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from tinysft.data.validate import DataError
     from tinysft.files import OutputError
     from tinysft.models.registry import ModelError
+    from tinysft.ports import PortError
     from tinysft.training import TrainError
     from tinysft.votes import VotesError
 
     return (ConfigError, DataError, RenderError, RowProblem, ModelError, TrainError, OutputError, FileNotFoundError,
-            PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError, VotesError)
+            PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError, VotesError, PortError)
 
 
 def clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -124,6 +163,9 @@ def _internal(e: Exception) -> None:
     raise typer.Exit(2)
 
 
+MAX_NEW_TOKENS_HELP = "Longest answer in tokens (default: the run's eval.max_new_tokens, 160 unless set)"
+
+
 def _log(msg: str) -> None:
     err.print(msg, highlight=False, markup=False)
 
@@ -185,6 +227,8 @@ def data_check(
     task: Annotated[str | None, typer.Option(help="sft or classify [default: the config's train.task, else sft]")] = None,
     strict: Annotated[bool, typer.Option("--strict", help="Exact duplicate rows are errors (exit 1), not just counted")] = False,
     config: Annotated[Path | None, typer.Option(help="Training config: check with its model, data.max_length, data.system_prompt and task")] = None,
+    chat_template: Annotated[str | None, typer.Option(
+        "--chat-template", help="For a model without one: chatml, zephyr, plain or a Jinja file (model.chat_template)")] = None,
 ) -> None:
     """Validate data files and print stats; exit 1 with every problem listed.
 
@@ -201,21 +245,31 @@ def data_check(
     if task == "classify":
         report = data_stats.check_labeled([str(f) for f in files], strict=strict)
     else:
-        report = data_stats.check_chat([str(f) for f in files], tokenizer=tokenizer_loader(model or cfg.model.name),
+        report = data_stats.check_chat([str(f) for f in files],
+                                       tokenizer=tokenizer_loader(model or cfg.model.name,
+                                                                  chat_template or cfg.model.chat_template),
                                        max_length=max_length or cfg.data.max_length, show_mask=show_mask,
                                        strict=strict, system_prompt=cfg.data.system_prompt)
     data_stats.print_report(report, out)
 
 
-def tokenizer_loader(model: str | None) -> Callable[[], Any] | None:
-    """A function that loads ``model``'s tokenizer (None without a model)."""
+def tokenizer_loader(model: str | None, chat_template: str | None = None) -> Callable[[], Any] | None:
+    """A function that loads ``model``'s tokenizer (None without a model), with ``chat_template``
+    (model.chat_template) applied; a tokenizer left without a template is a user error naming the key."""
     if not model:
         return None
 
     def load() -> Any:
+        from tinysft.data.templates import MISSING_TEMPLATE_FIX, apply_chat_template, has_chat_template
         from tinysft.models.load import load_tokenizer, resolve_model_path
+        from tinysft.models.registry import ModelError
 
-        return load_tokenizer(resolve_model_path(model, log=_log))
+        path = resolve_model_path(model, log=_log)
+        tokenizer = apply_chat_template(load_tokenizer(path), chat_template)
+        if not has_chat_template(tokenizer):
+            raise ModelError(f"{model}: the tokenizer has no chat template, so conversations cannot be rendered — "
+                             f"{MISSING_TEMPLATE_FIX}.")
+        return tokenizer
 
     return load
 
@@ -284,7 +338,7 @@ def generate(
     prompts: Annotated[Path, typer.Option(help="JSONL rows with `prompt` or `messages`")],
     out_file: Annotated[Path, typer.Option("--out", help="Output JSONL (each input row + `response`)")],
     base: Annotated[bool, typer.Option("--base", help="Answer with the adapter disabled")] = False,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest answer in tokens")] = 160,
+    max_new_tokens: Annotated[int | None, typer.Option(min=1, help=MAX_NEW_TOKENS_HELP)] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts generated together")] = 16,
     trust_remote_code: TrustRemoteCode = False,
     allow_pickle: AllowPickle = False,
@@ -306,7 +360,8 @@ def generate(
     loaded = load_run(run_dir, log=_log)
     with Progress(transient=True, console=err) as bar:
         task = bar.add_task("generate", total=len(rows))
-        answers = generate_rows(loaded.model, loaded.tokenizer, rows, tuned=not base, max_new_tokens=max_new_tokens,
+        answers = generate_rows(loaded.model, loaded.tokenizer, rows, tuned=not base,
+                                max_new_tokens=max_new_tokens or loaded.config.eval.max_new_tokens,
                                 batch_size=batch_size, system_prompt=loaded.config.data.system_prompt,
                                 on_batch=lambda n: bar.advance(task, n))
     text = "".join(json.dumps({**r, "response": a}, ensure_ascii=False) + "\n" for r, a in zip(raw, answers, strict=True))
@@ -322,7 +377,7 @@ def eval_cmd(
     prompts: Annotated[list[Path] | None, typer.Option(help="Prompt JSONL file(s) (chat runs)")] = None,
     data: Annotated[list[Path] | None, typer.Option(help="Labelled JSONL/CSV (classification runs)")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Report folder (default: the run directory)")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(min=1, help="Longest answer in tokens")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(min=1, help=MAX_NEW_TOKENS_HELP)] = None,
     eval_data: Annotated[list[Path] | None, typer.Option(
         "--eval-data", help="Held-out chat file(s) for base/tuned loss and perplexity (default: the run's data.eval)")] = None,
     forgetting: Annotated[bool, typer.Option(
@@ -339,11 +394,9 @@ def eval_cmd(
     Example: tinysft eval runs/demo --prompts examples/polite-helper/heldout.jsonl --eval-data examples/chat-bench/val.jsonl
     """
     from tinysft.config import load_config
+    from tinysft.models.load import check_run_dir
 
-    if not (run_dir / "config.yaml").is_file():
-        from tinysft.models.registry import ModelError
-
-        raise ModelError(f"{run_dir}: not a tinysft run directory (no config.yaml) — pass the folder `tinysft train --out` wrote.")
+    check_run_dir(run_dir)  # before any prompt file or model is read
     cfg = load_config(run_dir / "config.yaml")
     target = out_dir or run_dir
     for name in ("report.json", "report.md", "report.html"):  # refuse before the work, not after it
@@ -356,6 +409,7 @@ def eval_cmd(
         out.print(f"Accuracy {m['base']['accuracy']:.3f} -> {m['tuned']['accuracy']:.3f}, weighted F1 "
                   f"{m['base']['f1_weighted']:.3f} -> {m['tuned']['f1_weighted']:.3f} (base -> tuned, {m['tuned']['n']} rows)")
         out.print(f"Report: {paths['md']}  ({paths['html']})")
+        _adapter_card(run_dir, target)
         return
     from tinysft.pipeline import default_forgetting_set, evaluate_run, summary_table
 
@@ -370,6 +424,15 @@ def eval_cmd(
 
     out.print(summary_table(comp))
     out.print(f"Report: {paths['md']}  ({paths['html']})")
+    _adapter_card(run_dir, target)
+
+
+def _adapter_card(run_dir: Path, report_dir: Path) -> None:
+    """The adapter's README.md (model card) gains the before/after summary once the run is evaluated."""
+    if report_dir.resolve() == run_dir.resolve() and (run_dir / "adapter").is_dir():
+        from tinysft.model_card import write_model_card
+
+        write_model_card(run_dir / "adapter", run_dir)
 
 
 @app.command()
@@ -404,7 +467,7 @@ def predict(
 def chat(
     run_dir: Annotated[Path, typer.Argument(help="Run directory from `tinysft train`")],
     base: Annotated[bool, typer.Option("--base", help="Start with the adapter disabled (switch with /tuned)")] = False,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest answer in tokens")] = 256,
+    max_new_tokens: Annotated[int | None, typer.Option(min=1, help=MAX_NEW_TOKENS_HELP)] = None,
     temperature: Annotated[float, typer.Option(help="0 = greedy (reproducible); e.g. 0.7 to sample")] = 0.0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling when temperature > 0")] = 0.9,
     system: Annotated[str | None, typer.Option(help="System prompt (default: the run's data.system_prompt)")] = None,
@@ -426,7 +489,8 @@ def chat(
 
         raise ConfigError(f"--temperature must be >= 0 and --top-p in (0, 1] (got {temperature}, {top_p}).")
     loaded = load_run(run_dir, log=_log)
-    session = ChatSession(loaded.model, loaded.tokenizer, tuned=not base, max_new_tokens=max_new_tokens,
+    session = ChatSession(loaded.model, loaded.tokenizer, tuned=not base,
+                          max_new_tokens=max_new_tokens or loaded.config.eval.max_new_tokens,
                           temperature=temperature, top_p=top_p,
                           system_prompt=system if system is not None else loaded.config.data.system_prompt)
     repl(session, banner=f"tinysft chat · {run_dir} · base model {loaded.config.model.name}")
@@ -455,7 +519,7 @@ def demo(
 def merge(
     run_dir: Annotated[Path, typer.Argument(help="Run directory from `tinysft train`")],
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the merged model")],
-    dtype: Annotated[str, typer.Option(help="Weights as float32, bfloat16 or float16")] = "float32",
+    dtype: Annotated[str, typer.Option(help="Weights as float32, bfloat16 or float16 (or fp32, bf16, fp16)")] = "float32",
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists")] = False,
     trust_remote_code: TrustRemoteCode = False,
     allow_pickle: AllowPickle = False,
@@ -467,11 +531,12 @@ def merge(
 
     Example: tinysft merge runs/demo --out merged/demo
     """
-    from tinysft.config import ConfigError
+    from tinysft.config import DTYPE_ALIASES, ConfigError
     from tinysft.export import merge_run
 
+    dtype = DTYPE_ALIASES.get(dtype.lower(), dtype.lower())
     if dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"--dtype must be float32, bfloat16 or float16 (got {dtype!r}).")
+        raise ConfigError(f"--dtype must be float32, bfloat16 or float16 (or fp32, bf16, fp16; got {dtype!r}).")
     r = merge_run(run_dir, out_dir, dtype=dtype, force=force, log=_log)  # type: ignore[arg-type]
     out.print(f"Merged model written to {r.out} ({r.dtype}). Verified on {r.prompts} prompts: max logit "
               f"difference vs base + adapter {r.max_logit_diff:.2e} (tolerance {r.tolerance:.1e}).")
@@ -586,7 +651,7 @@ def main() -> None:
 
     cap_onednn_cache()  # in the environment before the re-exec, so every command has it
     reexec_with_tcmalloc()
-    app()
+    app(prog_name="tinysft")
 
 
 if __name__ == "__main__":

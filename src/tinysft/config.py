@@ -22,22 +22,33 @@ class ConfigError(ValueError):
     """A user error in a config file or override; the message says what to change."""
 
 
+# Short dtype names people type (PyTorch / accelerate spell them both ways) -> the long ones used here.
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "float": "float32", "half": "float16"}
+
+
 @dataclass
 class ModelConfig:
     name: str = "smollm2-135m-instruct"
     """Embedded name (see `tinysft models`), a local HF folder, a .gguf file, or a hub id."""
     quantize: Literal["none", "nf4", "int8"] = "none"
     """Load the frozen base in 4-bit NF4 or 8-bit through bitsandbytes (QLoRA)."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Storage dtype of the frozen base weights; auto = bf16 where the hardware runs it fast."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16"] = "auto"
+    """Storage dtype of the frozen base weights; auto = bf16 where the hardware runs it fast.
+    fp32 / bf16 / fp16 are accepted for float32 / bfloat16 / float16."""
     trust_remote_code: bool = False
     """Run model code shipped with a hub repo. Off unless you trust the repo."""
     allow_pickle: bool = False
     """Allow loading .bin/.pt (pickle) weights. Off: pickle files can run arbitrary code."""
+    chat_template: str | None = None
+    """For a model whose tokenizer has no chat template: a built-in one (chatml, zephyr, plain) or the
+    path of a Jinja template file. None = the tokenizer's own."""
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ConfigError("model.name is empty — give an embedded name, a folder, a .gguf file or a hub id.")
+        self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)  # type: ignore[assignment]
+        if self.chat_template and Path(self.chat_template).expanduser().is_file():  # the run keeps working elsewhere
+            self.chat_template = str(Path(self.chat_template).expanduser().resolve())
 
 
 @dataclass
@@ -128,7 +139,7 @@ class TrainConfig:
     """Gradient clipping norm (0 = off)."""
     seed: int = 42
     """Seeds data order, LoRA init and dropout."""
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    mixed_precision: Literal["auto", "no", "bf16", "fp16", "bfloat16", "float16"] = "auto"
     """auto = bf16 autocast on CUDA with bf16, on CPUs with AMX, and on CPUs with AVX512-BF16 where a bf16 matmul
     measures faster than fp32 (models.load.fast_bf16_available); else fp32."""
     packing: bool | Literal["auto"] = "auto"
@@ -175,6 +186,7 @@ class TrainConfig:
     RUN/tensorboard; the others follow their own settings (WANDB_PROJECT, MLFLOW_TRACKING_URI, ...)."""
 
     def __post_init__(self) -> None:
+        self.mixed_precision = {"bfloat16": "bf16", "float16": "fp16"}.get(self.mixed_precision, self.mixed_precision)  # type: ignore[assignment]
         if self.learning_rate <= 0:
             raise ConfigError(f"train.learning_rate must be > 0 (got {self.learning_rate}) — try 2e-4.")
         if self.epochs <= 0:

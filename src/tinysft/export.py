@@ -32,6 +32,7 @@ import yaml
 from tinysft.data.render import render_prompt
 from tinysft.files import check_replaceable, replace_output
 from tinysft.generation import greedy_continuation
+from tinysft.model_card import write_model_card, write_modelfile
 from tinysft.models.load import HUB_KERNELS_OFF, load_run
 from tinysft.models.registry import ModelError
 
@@ -188,6 +189,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, *, dtype: SaveDtype = "f
     try:
         m.model.to(torch_dtype).save_pretrained(tmp, safe_serialization=True)
         m.tokenizer.save_pretrained(tmp)  # includes the chat template
+        write_model_card(tmp, run_dir, "merged", dtype)  # README.md: base, data hashes, config, before/after
         log(f"Verifying {out_dir.name}: reloading it and comparing logits on {len(m.prompts)} prompts...")
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch_dtype, **HUB_KERNELS_OFF)
         reloaded.eval()
@@ -441,6 +443,7 @@ def export_gguf(run_dir: str | Path, out_file: str | Path, *, gguf_type: GgufTyp
             raise ExportError(f"{out_file}: greedy outputs of the GGUF agree with the merged model on only "
                               f"{agreement:.0%} of tokens (minimum {min_agreement:.0%}); nothing written.")
         replace_output(tmp, out_file, kind="gguf", protected=inputs_of(run_dir))
+        write_modelfile(out_file, m.tokenizer, m.config.data.system_prompt)  # NAME.Modelfile for `ollama create`
     finally:
         tmp.unlink(missing_ok=True)
     return GgufReport(out_file, gguf_type, out_file.stat().st_size, m.max_logit_diff, worst, logit_diff,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -20,8 +19,9 @@ from tinysft.files import atomic_write_text, check_replaceable, mark_output
 
 def default_forgetting_set() -> Path:
     """The general-knowledge Q&A set shipped in examples/ (TINYSFT_EXAMPLES overrides the folder)."""
-    examples = Path(os.environ.get("TINYSFT_EXAMPLES", Path(__file__).resolve().parents[2] / "examples"))
-    return examples / "general-knowledge" / "forgetting.jsonl"
+    from tinysft.shipped import examples_dir
+
+    return examples_dir() / "general-knowledge" / "forgetting.jsonl"
 
 
 def evaluate_run(run_dir: str | Path, prompt_files: list[str], out_dir: str | Path, *,

@@ -32,7 +32,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tinysft.generation import Sampling, adapter_state, decode, encode_prompt
-from tinysft.models.load import LoadedRun, load_run
+from tinysft.models.load import LoadedRun, check_run_dir, load_run
 
 
 @dataclass
@@ -464,9 +464,11 @@ def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api
           model_name: str | None = None, limits: ServeLimits | None = None,
           log: Callable[[str], None] = print) -> None:
     """Load the run and serve it until interrupted (Ctrl-C)."""
-    import uvicorn
+    from tinysft.ports import bind_port, run_on_socket
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_run_dir(Path(run_dir))  # the cheap checks first, then the port, then the minutes of loading
+    sock = bind_port(host, port)  # a busy port fails now, not after the model has loaded
     loaded = load_run(run_dir, device=device, log=log)
     app = create_app(loaded, api_key=api_key, model_name=model_name, limits=limits, log=log)
     if not is_loopback(host):
@@ -474,4 +476,4 @@ def serve(run_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api
             + ("." if api_key else " WITHOUT an API key — anyone who can reach it can use it; pass --api-key."))
     log(f"Serving models {', '.join(app.state.model_names)} at http://{host}:{port}/v1 "
         f"(OpenAI-compatible{', API key required' if api_key else ''}). Ctrl-C to stop.")
-    uvicorn.run(app, host=host, port=port, log_level="warning", server_header=False, timeout_graceful_shutdown=5)
+    run_on_socket(app, sock)

@@ -324,16 +324,19 @@ def serve_ui(run_dirs: list[str | Path], *, host: str = "127.0.0.1", port: int =
              limits: ServeLimits | None = None, one_copy: bool = False, log: Callable[[str], None] = print) -> None:
     """Load the run(s), start the page and the API, and serve until Ctrl-C."""
     import torch
-    import uvicorn
 
     from tinysft.config import ConfigError
-    from tinysft.models.load import load_run
+    from tinysft.models.load import check_run_dir, load_run
+    from tinysft.ports import bind_port, run_on_socket
 
     if not 1 <= len(run_dirs) <= 2:
         raise ConfigError(f"tinysft ui takes one run (base vs tuned) or two (run A vs run B), got {len(run_dirs)}.")
     if api_key is not None and not api_key:
         raise ConfigError("ui: --api-key is empty; give a key or leave the option out.")
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    for run_dir in run_dirs:  # the cheap checks first, then the port, then the minutes of loading
+        check_run_dir(Path(run_dir))
+    sock = bind_port(host, port)  # a busy port fails now, not after the model has loaded
     loaded_a = load_run(run_dirs[0], device=device, log=log)
     if len(run_dirs) == 2:
         loaded_b, pair = load_run(run_dirs[1], device=device, log=log), "runs"
@@ -348,4 +351,4 @@ def serve_ui(run_dirs: list[str | Path], *, host: str = "127.0.0.1", port: int =
     log(f"Open http://{shown}:{port}/ui/ to compare {app.state.sides['reference'].label} with "
         f"{app.state.sides['candidate'].label}{' (API key required)' if api_key else ''}; "
         f"votes go to {votes_lib.votes_path(run_dirs[0])}. Ctrl-C to stop.")
-    uvicorn.run(app, host=host, port=port, log_level="warning", server_header=False, timeout_graceful_shutdown=5)
+    run_on_socket(app, sock)

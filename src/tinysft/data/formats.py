@@ -132,9 +132,102 @@ def from_question_answer(row: dict[str, Any]) -> list[Message]:
     return [{"role": "user", "content": _text(row, "question")}, {"role": "assistant", "content": _text(row, "answer")}]
 
 
+# ------------------------------------------------------------------------------------------------
+# Formats people already have (ShareGPT, TRL preference rows, content as a list of parts).
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "chatgpt": "assistant",
+                  "bing": "assistant", "bard": "assistant", "model": "assistant", "system": "system"}
+
+
+def from_sharegpt(row: dict[str, Any]) -> list[Message]:
+    """ShareGPT: ``{"conversations": [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]}``."""
+    turns = row["conversations"]
+    if not isinstance(turns, list):
+        raise RowProblem("conversations", f"must be a list of {{from, value}} objects, got a JSON {json_type(turns)}",
+                         'write "conversations": [{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]')
+    out: list[Message] = []
+    for i, turn in enumerate(turns):
+        where = f"conversations[{i}]"
+        if not isinstance(turn, dict):
+            raise RowProblem(where, f"must be an object with from and value, got a JSON {json_type(turn)}",
+                             'write {"from": "human", "value": "..."}')
+        if "from" not in turn and "role" in turn:  # some exports mix the two spellings
+            turn = {"from": turn["role"], "value": turn.get("content", turn.get("value"))}
+        role = SHAREGPT_ROLES.get(str(turn.get("from")).lower())
+        if role is None:
+            raise RowProblem(f"{where}.from", f"unknown speaker {turn.get('from')!r}",
+                             "use human, gpt or system (or user, assistant)")
+        value = content_text(turn.get("value"), f"{where}.value")
+        out.append({"role": role, "content": value})
+    return out
+
+
+def content_text(content: Any, where: str) -> str:
+    """A message's content as one string: a string, or a list of parts ``[{"type": "text", "text": ...}]``
+    (the OpenAI / transformers multimodal shape) whose text parts are joined. Other part types
+    (images, audio) cannot be trained by a text model, so they are an error that says so."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content:
+        texts = []
+        for j, part in enumerate(content):
+            if isinstance(part, str):
+                texts.append(part)
+                continue
+            if not isinstance(part, dict) or part.get("type", "text") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else json_type(part)
+                raise RowProblem(f"{where}[{j}]", f"is a {kind!r} part; only text parts can be trained",
+                                 'give each part as {"type": "text", "text": "..."}, or drop the non-text parts')
+            texts.append(part["text"])
+        return "".join(texts)
+    kind = "null or missing" if content is None else f"a JSON {json_type(content)}, not a string"
+    raise RowProblem(where, f"is {kind}", 'write the text as a JSON string or a list of {"type": "text", "text": ...} parts')
+
+
+def _preference_side(value: Any, key: str) -> list[Message]:
+    """One side of a TRL preference row: a string (one assistant answer) or a list of messages."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise RowProblem(key, "is empty", f'write the text of "{key}", or drop the row')
+        return [{"role": "assistant" if key != "prompt" else "user", "content": value}]
+    if isinstance(value, list):
+        return from_messages({"messages": value})
+    raise RowProblem(key, f"must be a string or a list of messages, got a JSON {json_type(value)}",
+                     f'write "{key}" as a string or [{{"role": ..., "content": ...}}]')
+
+
+def from_preference(row: dict[str, Any]) -> list[Message]:
+    """TRL's preference rows ``{"prompt", "chosen", "rejected"}`` (standard: strings; conversational:
+    lists of messages): the conversation is prompt + chosen; ``rejected`` becomes the row's
+    alternative answer (a string, see :func:`normalize_row`)."""
+    prompt = _preference_side(row["prompt"], "prompt")
+    chosen = _preference_side(row["chosen"], "chosen")
+    return prompt + chosen
+
+
+def normalize_row(row: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite the shapes other tools write into the ones the adapters read, without touching the
+    caller's dict: message content given as a list of parts becomes a string, and TRL's
+    conversational ``rejected`` (a list of messages) becomes its last assistant message's text."""
+    messages = row.get("messages")
+    if isinstance(messages, list) and any(isinstance(m, dict) and isinstance(m.get("content"), list) for m in messages):
+        row = {**row, "messages": [{**m, "content": content_text(m["content"], f"messages[{i}].content")}
+                                   if isinstance(m, dict) and isinstance(m.get("content"), list) else m
+                                   for i, m in enumerate(messages)]}
+    rejected = row.get("rejected")
+    if "chosen" in row and isinstance(rejected, list) and rejected and all(isinstance(m, dict) for m in rejected):
+        answers = [m for m in from_messages({"messages": rejected}) if m["role"] == "assistant"]
+        if not answers:
+            raise RowProblem("rejected", "has no assistant message", 'write "rejected" as the answer the model should not give')
+        row = {**row, "rejected": answers[-1]["content"]}
+    return row
+
+
 # name -> (keys that identify it, adapter). Order matters: the first match wins.
 CHAT_FORMATS: dict[str, tuple[tuple[str, ...], Callable[[dict[str, Any]], list[Message]]]] = {
     "messages": (("messages",), from_messages),
+    "sharegpt": (("conversations",), from_sharegpt),
+    "preference": (("prompt", "chosen"), from_preference),
     "prompt_response": (("prompt", "response"), from_prompt_response),
     "prompt_completion": (("prompt", "completion"), from_prompt_response),
     "alpaca": (("instruction", "output"), from_alpaca),
@@ -149,7 +242,7 @@ LABEL_FORMATS: dict[str, tuple[str, str]] = {
     "question_answer": ("question", "answer"),
 }
 
-KNOWN_KEYS_HINT = ("messages | prompt+response | prompt+completion | instruction+output (alpaca) | "
+KNOWN_KEYS_HINT = ("messages | conversations (ShareGPT) | prompt+chosen+rejected | prompt+response | prompt+completion | instruction+output (alpaca) | "
                    "question+answer_keywords | text with <|user|>/<|assistant|> markers")
 
 
@@ -166,6 +259,7 @@ def to_conversation(row: Any, source: str = "") -> Conversation:
     if not isinstance(row, dict):
         raise RowProblem("(row)", f"is a JSON {json_type(row)}, not an object",
                          'write one JSON object per line, e.g. {"prompt": "...", "response": "..."}')
+    row = normalize_row(row)
     name = detect_chat_format(row)
     keys, adapter = CHAT_FORMATS[name]
     messages = adapter(row)
@@ -206,3 +300,11 @@ def to_labeled(row: Any, source: str = "") -> LabeledText:
     keys = ", ".join(sorted(map(str, row))) or "none"
     raise RowProblem("(row)", f"unknown classification format (keys: {keys})",
                      'use {"text": ..., "label": ...} or {"question": ..., "answer": LABEL}')
+
+
+def looks_like_classification(rows: list[tuple[int, Any]]) -> bool:
+    """True when every row is ``{"text", "label"}`` with no chat role markers: a classification file
+    given to a chat command, which deserves one hint (``--task classify``), not an error per row."""
+    return bool(rows) and all(isinstance(r, dict) and "text" in r and "label" in r and not any(
+        k in r for keys, _ in CHAT_FORMATS.values() for k in keys if k != "text")
+        and not (isinstance(r["text"], str) and _MARKER.search(r["text"])) for _, r in rows)

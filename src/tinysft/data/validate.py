@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tinysft.data.formats import Conversation, LabeledText, RowProblem, to_conversation, to_labeled
+from tinysft.data.formats import (
+    Conversation,
+    LabeledText,
+    RowProblem,
+    looks_like_classification,
+    to_conversation,
+    to_labeled,
+)
 
 MAX_LINE_BYTES = 8 * 1024 * 1024  # one row larger than this is a mistake, not a conversation
 MAX_SHOWN = 20
@@ -59,6 +66,14 @@ class DataError(ValueError):
 
 def read_rows(path: str | Path, problems: list[Problem]) -> list[tuple[int, Any]]:
     """Parse a JSONL (or CSV) file into (line number, value) pairs, adding problems as found."""
+    from tinysft.data.tables import TableError, is_table_source, read_table_rows
+
+    if is_table_source(path):  # parquet, a datasets folder or file, hf:OWNER/NAME
+        try:
+            return read_table_rows(path)
+        except TableError as e:
+            problems.append(Problem(str(path), None, "(file)", e.what, e.fix))
+            return []
     path = Path(path)
     name = str(path)
     if not path.exists():
@@ -294,7 +309,12 @@ def load_conversations(paths: list[str | Path], *, for_training: bool = True) ->
     problems: list[Problem] = []
     out: list[Conversation] = []
     for path in paths:
-        for line, row in read_rows(path, problems):
+        rows = read_rows(path, problems)
+        if looks_like_classification(rows):  # one hint, not a role-marker error per row
+            problems.append(Problem(str(path), None, "(file)", "has text,label rows: classification data, not chat",
+                                    "train it with --task classify (or set train.task: classify in the config)"))
+            continue
+        for line, row in rows:
             try:
                 conv = to_conversation(row, source=f"{path}:{line}")
                 if for_training:

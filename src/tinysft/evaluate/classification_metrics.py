@@ -1,8 +1,8 @@
-"""Classification metrics: pure functions from gold and predicted labels to numbers.
+"""Classification metrics: pure functions from gold and predicted labels to numbers, by scikit-learn.
 
-Computed by hand (no scikit-learn import at run time); tests check them against scikit-learn.
-Conventions follow scikit-learn: a class with no predictions has precision 0, a class with no
-gold rows has recall 0 and weight 0 in the weighted averages.
+scikit-learn's conventions (``zero_division=0``): a class with no predictions has precision 0, a
+class with no gold rows has recall 0 and weight 0 in the weighted averages. The output keeps
+tinysft's report keys (``accuracy``, ``f1_weighted``, ``per_class``, ``confusion_matrix``, ...).
 """
 
 from __future__ import annotations
@@ -13,55 +13,53 @@ from typing import Any
 
 def confusion_matrix(gold: Sequence[str], pred: Sequence[str], labels: Sequence[str]) -> list[list[int]]:
     """``matrix[i][j]`` = rows whose gold label is ``labels[i]`` and prediction is ``labels[j]``."""
+    from sklearn import metrics
+
     if len(gold) != len(pred):
         raise ValueError(f"gold and pred differ in length ({len(gold)} vs {len(pred)})")
-    index = {label: i for i, label in enumerate(labels)}
-    matrix = [[0] * len(labels) for _ in labels]
-    for g, p in zip(gold, pred, strict=True):
-        matrix[index[g]][index[p]] += 1
-    return matrix
+    if not gold:
+        return [[0] * len(labels) for _ in labels]
+    return metrics.confusion_matrix(list(gold), list(pred), labels=list(labels)).tolist()
 
 
-def _ratio(num: float, den: float) -> float:
-    return num / den if den else 0.0
+def per_class_scores(gold: Sequence[str], pred: Sequence[str], labels: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Precision, recall, F1 and support of each class."""
+    from sklearn import metrics
 
-
-def per_class_scores(matrix: list[list[int]], labels: Sequence[str]) -> dict[str, dict[str, float]]:
-    """Precision, recall, F1 and support of each class, from a confusion matrix."""
-    out = {}
-    for i, label in enumerate(labels):
-        tp = matrix[i][i]
-        predicted = sum(row[i] for row in matrix)  # column sum
-        support = sum(matrix[i])  # row sum
-        precision, recall = _ratio(tp, predicted), _ratio(tp, support)
-        out[label] = {"precision": precision, "recall": recall,
-                      "f1": _ratio(2 * precision * recall, precision + recall), "support": support}
-    return out
+    if not gold:
+        return {label: {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0} for label in labels}
+    precision, recall, f1, support = metrics.precision_recall_fscore_support(
+        list(gold), list(pred), labels=list(labels), average=None, zero_division=0)
+    return {label: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for label, p, r, f, s in zip(labels, precision, recall, f1, support, strict=True)}
 
 
 def classification_metrics(gold: Sequence[str], pred: Sequence[str], labels: Sequence[str]) -> dict[str, Any]:
     """Accuracy, macro and weighted F1 / precision / recall, per-class scores and the confusion matrix."""
+    from sklearn import metrics
+
     matrix = confusion_matrix(gold, pred, labels)
-    per_class = per_class_scores(matrix, labels)
     n = len(gold)
-    present = [s for s in per_class.values()]
 
-    def macro(key: str) -> float:
-        return _ratio(sum(s[key] for s in present), len(present))
+    def averaged(average: str) -> tuple[float, float, float]:
+        if not n:
+            return 0.0, 0.0, 0.0
+        p, r, f, _ = metrics.precision_recall_fscore_support(list(gold), list(pred), labels=list(labels),
+                                                             average=average, zero_division=0)
+        return float(p), float(r), float(f)
 
-    def weighted(key: str) -> float:
-        return _ratio(sum(s[key] * s["support"] for s in present), n)
-
+    p_weighted, r_weighted, f1_weighted = averaged("weighted")
+    p_macro, r_macro, f1_macro = averaged("macro")
     return {
         "n": n,
-        "accuracy": _ratio(sum(matrix[i][i] for i in range(len(labels))), n),
-        "f1_weighted": weighted("f1"),
-        "f1_macro": macro("f1"),
-        "precision_weighted": weighted("precision"),
-        "recall_weighted": weighted("recall"),
-        "precision_macro": macro("precision"),
-        "recall_macro": macro("recall"),
-        "per_class": per_class,
+        "accuracy": float(metrics.accuracy_score(list(gold), list(pred))) if n else 0.0,
+        "f1_weighted": f1_weighted,
+        "f1_macro": f1_macro,
+        "precision_weighted": p_weighted,
+        "recall_weighted": r_weighted,
+        "precision_macro": p_macro,
+        "recall_macro": r_macro,
+        "per_class": per_class_scores(gold, pred, labels),
         "confusion_matrix": matrix,
         "labels": list(labels),
     }

@@ -254,10 +254,12 @@ def load_causal_lm(cfg: ModelConfig, device: torch.device | str = "cpu", log=pri
         damaged = " The weights file looks cut short or damaged: copy or download it again." \
             if "deserializing header" in str(e) else ""
         raise ModelError(f"{path}: could not load the model ({first_line(e)}).{damaged or _offline_hint(path)}") from None
-    tokenizer = load_tokenizer(path, cfg.trust_remote_code)
+    from tinysft.data.templates import MISSING_TEMPLATE_FIX, apply_chat_template
+
+    tokenizer = apply_chat_template(load_tokenizer(path, cfg.trust_remote_code), cfg.chat_template)
     if tokenizer.chat_template is None:
-        raise ModelError(f"{path}: the tokenizer has no chat template, so conversations cannot be rendered. "
-                         "Use an instruct/chat model, or add a chat_template to tokenizer_config.json.")
+        raise ModelError(f"{path}: the tokenizer has no chat template, so conversations cannot be rendered — "
+                         f"{MISSING_TEMPLATE_FIX}.")
     if qconfig is None:
         model.to(device)
     model.requires_grad_(False)
@@ -381,6 +383,20 @@ class LoadedRun:
     run_dir: Path
 
 
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse, with the fix, a folder that is not a finished run: no config.yaml, a config folder
+    (config.yaml but nothing trained), or a run that stopped before writing its adapter."""
+    if not (run_dir / "config.yaml").is_file():
+        raise ModelError(f"{run_dir}: not a tinysft run directory (no config.yaml) — pass the folder `tinysft train --out` wrote.")
+    if (run_dir / "adapter" / "adapter_config.json").is_file():
+        return
+    if not (run_dir / "checkpoints").is_dir() and not (run_dir / "metrics.jsonl").is_file():
+        raise ModelError(f"{run_dir}: has a config.yaml but no adapter/ or checkpoints/, so it is not a run that "
+                         "tinysft trained (a config folder?) — train it first: tinysft train "
+                         f"{run_dir / 'config.yaml'} --out runs/NAME, then pass runs/NAME.")
+    raise ModelError(f"{run_dir}: no adapter/adapter_config.json — the run did not finish; rerun the same `tinysft train` command to continue it (or pass --resume).")
+
+
 def load_run(run_dir: str | Path, device: torch.device | str = "cpu", log=print, dequantize: bool = False,
              dtype: str | None = None) -> LoadedRun:
     """Load a run directory's base model with its adapter, ready for generation.
@@ -392,13 +408,12 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", log=print,
     """
     import peft
 
+    from tinysft.data.templates import apply_chat_template
+
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ModelError(f"{run_dir}: not a tinysft run directory (no config.yaml) — pass the folder `tinysft train --out` wrote.")
+    check_run_dir(run_dir)
     adapter = run_dir / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        raise ModelError(f"{run_dir}: no adapter/adapter_config.json — the run did not finish; rerun `tinysft train` with --resume.")
-    cfg = load_run_config(run_dir, log=log)
+    cfg = load_run_config(run_dir, log=log)  # never trust_remote_code / allow_pickle from the run folder
     if cfg.train.task == "classify":
         raise ModelError(f"{run_dir}: this is a classification run; use `tinysft predict` or `tinysft eval --data`.")
     expected = _check_adapter(adapter, cfg.model.allow_pickle)
@@ -411,7 +426,7 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", log=print,
 
     check_same_base(run_dir, cfg.model.name, base, allow_other_base=_PERMISSIONS.get().allow_other_base, log=log)
     if (run_dir / "tokenizer").is_dir():
-        tokenizer = load_tokenizer(str(run_dir / "tokenizer"))
+        tokenizer = apply_chat_template(load_tokenizer(str(run_dir / "tokenizer")), cfg.model.chat_template)
     try:
         model = peft.PeftModel.from_pretrained(base, str(adapter), is_trainable=False)
     except Exception as e:

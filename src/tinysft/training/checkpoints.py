@@ -19,7 +19,6 @@ is detected on resume (``damage``), named, and skipped for the newest intact one
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import random
@@ -142,7 +141,9 @@ RUN_CONTROL_KEYS = {"train.threads", "train.save_every", "train.keep_checkpoints
 
 
 def sha256_files(paths: list[str]) -> dict[str, str]:
-    return {str(p): hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths}
+    from tinysft.data.tables import source_sha256  # files, datasets folders and hf: names
+
+    return {str(p): source_sha256(p) for p in paths}
 
 
 def config_changes(run_dir: Path, cfg: RunConfig) -> list[str]:
