@@ -20,10 +20,9 @@ from tinysft.data.formats import LABEL_FORMATS
 from tinysft.data.validate import DataError, Problem, load_labeled, read_rows
 from tinysft.evaluate.classification_metrics import classification_metrics
 from tinysft.evaluate.classification_report import write_classification_report
-from tinysft.models.encoder import class_logits, load_encoder, max_length_for
+from tinysft.models.encoder import HEAD_INIT_FILE, class_logits, load_encoder, max_length_for
 from tinysft.models.load import load_run_config
 from tinysft.models.registry import ModelError
-from tinysft.training.classify import HEAD_INIT_FILE
 
 
 @dataclass

@@ -314,3 +314,6 @@ def fit_linear_probe(features: torch.Tensor, targets: torch.Tensor, num_labels: 
     with torch.enable_grad():
         opt.step(closure)
     return weight.detach(), bias.detach()
+
+
+HEAD_INIT_FILE = "head_init.safetensors"

@@ -32,6 +32,7 @@ from tinysft.data.rules import require_two_labels
 from tinysft.data.validate import DataError, Problem, load_labeled
 from tinysft.files import atomic_write_text, mark_output
 from tinysft.models.encoder import (
+    HEAD_INIT_FILE,
     EncodedBatch,
     MeanPoolClassifier,
     choose_target_modules,
@@ -69,7 +70,6 @@ HeadInit = Literal["probe", "random"]
 # "probe": the head starts as a logistic regression on the frozen sentence embeddings of the
 # training rows (mean-pooling encoders only); "random": the layer's own random init.
 CLASSIFY_HEAD_INIT: HeadInit = "probe"
-HEAD_INIT_FILE = "head_init.safetensors"
 
 
 def apply_classify_defaults(cfg: RunConfig) -> list[str]:
