@@ -1,202 +1,32 @@
-"""Command line: parse, call one library function, turn user errors into clean exits.
-
-Every user error (bad data, bad config, missing model, ...) becomes one paragraph on stderr and
-exit code 1; an unexpected failure prints a short note (exit 2) and the traceback only with
-TINYSFT_DEBUG=1.
-"""
+"""Commands that check data, train and evaluate: models, data check, train, generate, eval, predict, chat, demo."""
 
 from __future__ import annotations
 
-import errno
-import functools
 import json
 import os
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
+from tinysft.cli.base import (
+    EXAMPLES,
+    MAX_NEW_TOKENS_HELP,
+    AllowOtherBase,
+    AllowPickle,
+    TrustRemoteCode,
+    _log,
+    app,
+    clean_errors,
+    data_app,
+    err,
+    loads_runs,
+    out,
+)
 from tinysft.files import check_replaceable, write_output_text
-from tinysft.shipped import examples_dir
-
-# Quiet the libraries' own progress bars and deprecation chatter; tinysft prints its own progress.
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-warnings.filterwarnings("ignore", category=FutureWarning)
-warnings.filterwarnings("ignore", category=DeprecationWarning)
-
-app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="LoRA / QLoRA fine-tuning for small language models, with a before/after report.\n\n"
-                  "Shell completion: tinysft --install-completion (bash, zsh, fish, PowerShell).")
-data_app = typer.Typer(no_args_is_help=True, help="Validate and inspect training data.")
-app.add_typer(data_app, name="data")
-out = Console()
-err = Console(stderr=True, soft_wrap=True)  # one paragraph per error, not wrapped at 80 columns
-
-EXAMPLES = examples_dir()
 
 
-def _hide_flag_types() -> None:
-    """typer's help shows `<bool>` beside on/off flags (`--strict <bool>`), which reads as if a value
-    were expected (`--strict true` then fails): show flags bare, as click does."""
-    from typer.core import TyperOption
-
-    shown = getattr(TyperOption, "display_type_rich", None)
-    if shown is None or getattr(shown, "flags_bare", False):
-        return
-
-    def display_type_rich(self: Any, ctx: Any) -> str | None:
-        return None if self.is_flag else shown(self, ctx)
-
-    display_type_rich.flags_bare = True  # type: ignore[attr-defined]
-    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
-
-
-_hide_flag_types()
-
-
-def _version(value: bool) -> None:
-    if value:
-        from tinysft import __version__
-
-        out.print(f"tinysft {__version__}", highlight=False)
-        raise typer.Exit()
-
-
-@app.callback()
-def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                                help="Print the version and exit")] = False) -> None:
-    """LoRA / QLoRA fine-tuning for small language models, with a before/after report.
-
-    Shell completion: tinysft --install-completion (bash, zsh, fish, PowerShell).
-    """
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    from tinysft.config import ConfigError
-    from tinysft.data.formats import RowProblem
-    from tinysft.data.render import RenderError
-    from tinysft.data.validate import DataError
-    from tinysft.files import OutputError
-    from tinysft.models.registry import ModelError
-    from tinysft.ports import PortError
-    from tinysft.training import TrainError
-    from tinysft.votes import VotesError
-
-    return (ConfigError, DataError, RenderError, RowProblem, ModelError, TrainError, OutputError, FileNotFoundError,
-            PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError, VotesError, PortError)
-
-
-def clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorator: user errors -> 'error: ...' and exit 1; anything else -> exit 2 without a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except typer.Exit:
-            raise
-        except KeyboardInterrupt:
-            _error("stopped; rerun with --resume to continue from the last checkpoint.", label="interrupted")
-            raise typer.Exit(130) from None
-        except user_errors() as e:
-            from tinysft.data.validate import DataError
-
-            if isinstance(e, DataError):
-                _error(f"{len(e.problems)} problem(s) in the data:\n{e}")
-            elif isinstance(e, FileExistsError | NotADirectoryError) and _file_in_the_way(e.filename):
-                _error(f"{_file_in_the_way(e.filename)} is a file, so nothing can be written inside it — choose "
-                       "an --out path whose folders are folders.")
-            elif isinstance(e, OSError) and e.filename:
-                _error(f"{e.filename}: {e.strerror or e} — check the path and its permissions.")
-            else:
-                _error(str(e))
-            raise typer.Exit(1) from None
-        except Exception as e:
-            if _disk_full(e):
-                _error(f"no space left on the device while writing {getattr(e, 'filename', None) or 'the output'} "
-                       f"({_first_line(e)}) — free some disk space and run again; nothing partial was kept.")
-                raise typer.Exit(1) from None
-            return _internal(e)
-
-    return wrapper
-
-
-def _file_in_the_way(filename: Any) -> Path | None:
-    """The regular file that sits where a folder of ``filename`` should be, if any."""
-    if not filename:
-        return None
-    path = Path(os.fsdecode(filename))
-    return next((p for p in (path, *path.parents) if p.is_file()), None)
-
-
-def _disk_full(e: BaseException) -> bool:
-    """A full disk as Python reports it (ENOSPC / EDQUOT), and as safetensors (Rust: "os error 28") and
-    torch's zip writer ("unexpected pos" after a short write) report it."""
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    text = str(e)
-    return any(s in text for s in ("No space left on device", "os error 28", "Disk quota exceeded")) or (
-        "inline_container" in text and "unexpected pos" in text)
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0][:200] if lines else type(e).__name__
-
-
-def _error(message: str, label: str = "error") -> None:
-    from rich.text import Text
-
-    err.print(Text.assemble((f"{label}: ", "bold red"), message), highlight=False)
-
-
-def _internal(e: Exception) -> None:
-    if os.environ.get("TINYSFT_DEBUG") == "1":
-        raise e
-    _error(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}\nThis is a bug in tinysft or an "
-           "unsupported setup. Rerun with TINYSFT_DEBUG=1 for the traceback.", label="internal error")
-    raise typer.Exit(2)
-
-
-MAX_NEW_TOKENS_HELP = "Longest answer in tokens (default: the run's eval.max_new_tokens, 160 unless set)"
-
-
-def _log(msg: str) -> None:
-    err.print(msg, highlight=False, markup=False)
-
-
-# Commands that load a run folder. What loading may do beyond reading safetensors and JSON is granted
-# here, on the command line, and never by the run folder's config.yaml (docs/security.md).
-TrustRemoteCode = Annotated[bool, typer.Option(
-    "--trust-remote-code", help="Run Python code shipped with the run's base model (only for models you trust)")]
-AllowPickle = Annotated[bool, typer.Option(
-    "--allow-pickle", help="Load pickle (.bin/.pt) weights, which can run code (only for files you trust)")]
-AllowOtherBase = Annotated[bool, typer.Option(
-    "--allow-other-base", help="Load the adapter on a base other than the one it was trained on")]
-
-
-def loads_runs(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorator: grant the command's --trust-remote-code / --allow-pickle / --allow-other-base to the
-    run folders it loads (models.load.run_permissions)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from tinysft.models.load import RunPermissions, run_permissions
-
-        granted = RunPermissions(**{k: bool(kwargs.get(k, False))
-                                    for k in ("trust_remote_code", "allow_pickle", "allow_other_base")})
-        with run_permissions(granted):
-            return fn(*args, **kwargs)
-
-    return wrapper
-
-
-# ------------------------------------------------------------------------------------------------
 @app.command()
 @clean_errors
 def models() -> None:
@@ -511,148 +341,3 @@ def demo(
     paths, comp, seconds = run_demo(EXAMPLES / "polite-helper", out_dir, quick=quick, log=_log)
     out.print(summary_table(comp))
     out.print(f"Demo finished in {seconds:.0f} s. Report: {paths['md']} (open {paths['html']} in a browser)")
-
-
-@app.command()
-@clean_errors
-@loads_runs
-def merge(
-    run_dir: Annotated[Path, typer.Argument(help="Run directory from `tinysft train`")],
-    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the merged model")],
-    dtype: Annotated[str, typer.Option(help="Weights as float32, bfloat16 or float16 (or fp32, bf16, fp16)")] = "float32",
-    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists")] = False,
-    trust_remote_code: TrustRemoteCode = False,
-    allow_pickle: AllowPickle = False,
-    allow_other_base: AllowOtherBase = False,
-) -> None:
-    """Merge the adapter into the base: a plain safetensors folder, verified before it is written.
-
-    Loads with transformers' AutoModelForCausalLM.from_pretrained, no PEFT needed.
-
-    Example: tinysft merge runs/demo --out merged/demo
-    """
-    from tinysft.config import DTYPE_ALIASES, ConfigError
-    from tinysft.export import merge_run
-
-    dtype = DTYPE_ALIASES.get(dtype.lower(), dtype.lower())
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"--dtype must be float32, bfloat16 or float16 (or fp32, bf16, fp16; got {dtype!r}).")
-    r = merge_run(run_dir, out_dir, dtype=dtype, force=force, log=_log)  # type: ignore[arg-type]
-    out.print(f"Merged model written to {r.out} ({r.dtype}). Verified on {r.prompts} prompts: max logit "
-              f"difference vs base + adapter {r.max_logit_diff:.2e} (tolerance {r.tolerance:.1e}).")
-
-
-@app.command()
-@clean_errors
-@loads_runs
-def export(
-    run_dir: Annotated[Path, typer.Argument(help="Run directory from `tinysft train`")],
-    out_file: Annotated[Path, typer.Option("--out", help="Output file, e.g. model.gguf")],
-    format_: Annotated[str, typer.Option("--format", help="Output format (gguf)")] = "gguf",
-    type_: Annotated[str, typer.Option("--type", help="GGUF tensor type: f16, bf16, q8_0 or f32")] = "f16",
-    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists")] = False,
-    trust_remote_code: TrustRemoteCode = False,
-    allow_pickle: AllowPickle = False,
-    allow_other_base: AllowOtherBase = False,
-) -> None:
-    """Merge the adapter and write a GGUF file for llama.cpp and friends, verified by reading it back.
-
-    Example: tinysft export runs/demo --format gguf --type q8_0 --out demo-q8_0.gguf
-    """
-    from tinysft.config import ConfigError
-    from tinysft.export import export_gguf
-
-    if format_ != "gguf":
-        raise ConfigError(f"--format {format_!r} is not supported; use --format gguf (or `tinysft merge` for safetensors).")
-    if type_ not in ("f16", "bf16", "q8_0", "f32"):
-        raise ConfigError(f"--type must be f16, bf16, q8_0 or f32 (got {type_!r}).")
-    r = export_gguf(run_dir, out_file, gguf_type=type_, force=force, log=_log)  # type: ignore[arg-type]
-    out.print(f"Wrote {r.out} ({r.type}, {r.size_bytes / 2**20:.1f} MiB). Verified: read back by transformers, "
-              f"weights within {r.type} rounding (worst {r.max_weight_error:.1e}), greedy outputs identical on "
-              f"{r.identical}/{r.prompts} prompts, {r.token_agreement:.0%} of {r.new_tokens}-token continuations agree "
-              f"(max logit difference {r.max_logit_diff:.2e}).")
-
-
-@app.command()
-@clean_errors
-@loads_runs
-def serve(
-    run_dir: Annotated[Path, typer.Argument(help="Run directory from `tinysft train`")],
-    host: Annotated[str, typer.Option(help="Address to bind; other than loopback exposes the server")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port")] = 8000,
-    api_key: Annotated[str | None, typer.Option("--api-key", envvar="TINYSFT_API_KEY",
-                                                help="Require 'Authorization: Bearer KEY' (or set TINYSFT_API_KEY)")] = None,
-    name: Annotated[str | None, typer.Option(help="Model id of the tuned model (default: the run folder's name)")] = None,
-    max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for")] = 1024,
-    max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt accepted, in tokens")] = 4096,
-    trust_remote_code: TrustRemoteCode = False,
-    allow_pickle: AllowPickle = False,
-    allow_other_base: AllowOtherBase = False,
-) -> None:
-    """OpenAI-compatible server: /v1/models and /v1/chat/completions, base and tuned from one model.
-
-    Example: tinysft serve runs/demo --port 8000   (then: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="x"))
-    """
-    from tinysft.serve import ServeLimits
-    from tinysft.serve import serve as run_server
-
-    limits = ServeLimits(max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens)
-    run_server(run_dir, host=host, port=port, api_key=api_key, model_name=name, limits=limits, log=_log)
-
-
-@app.command()
-@clean_errors
-def ui(
-    run_dirs: Annotated[list[Path], typer.Argument(help="One run (base vs tuned) or two (run A vs run B)")],
-    host: Annotated[str, typer.Option(help="Address to bind; other than loopback exposes the page")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port")] = 8000,
-    api_key: Annotated[str | None, typer.Option("--api-key", envvar="TINYSFT_API_KEY",
-                                                help="Require this key for the page and the API (or set TINYSFT_API_KEY)")] = None,
-    max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for")] = 1024,
-    one_copy: Annotated[bool, typer.Option("--one-copy", help="Load one run once: half the memory, the two "
-                                           "answers then stream one after the other")] = False,
-) -> None:
-    """Web page: the two models' answers side by side, streamed; blind votes; the report.
-
-    Example: tinysft ui runs/demo   (then open http://127.0.0.1:8000/ui/)
-    """
-    from tinysft.serve import ServeLimits
-    from tinysft.ui import serve_ui
-
-    serve_ui(run_dirs, host=host, port=port, api_key=api_key, limits=ServeLimits(max_tokens=max_tokens),
-             one_copy=one_copy, log=_log)
-
-
-votes_app = typer.Typer(no_args_is_help=True, help="Votes from the web page (`tinysft ui`).")
-app.add_typer(votes_app, name="votes")
-
-
-@votes_app.command("export")
-@clean_errors
-def votes_export(
-    run_dir: Annotated[Path, typer.Argument(help="Run folder whose votes.jsonl to read")],
-    out: Annotated[Path, typer.Option(help="JSONL file to write (must not exist)")],
-) -> None:
-    """Write the decided blind votes as training rows: the preferred answer as the assistant turn,
-    the other as `rejected`.
-
-    Example: tinysft votes export runs/demo --out votes.jsonl   (then: tinysft train --data votes.jsonl
-    --set train.preference_weight=0.1)
-    """
-    from tinysft.votes import export_votes
-
-    rows, skipped = export_votes(run_dir, out)
-    out_note = f" ({skipped} skipped: equal or blank answers)" if skipped else ""
-    _log(f"Wrote {rows} training rows to {out}{out_note}.")
-
-
-def main() -> None:
-    from tinysft.models.cpu.allocator import cap_onednn_cache, reexec_with_tcmalloc
-
-    cap_onednn_cache()  # in the environment before the re-exec, so every command has it
-    reexec_with_tcmalloc()
-    app(prog_name="tinysft")
-
-
-if __name__ == "__main__":
-    main()
