@@ -5,9 +5,9 @@ import pytest
 
 from conftest import write_jsonl
 from tinysft.data.formats import RowProblem, detect_chat_format, to_conversation
+from tinysft.data.stats import conversation_stats
 from tinysft.data.validate import (
     DataError,
-    conversation_stats,
     load_conversations,
     load_labeled,
     load_prompts,

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 import statistics
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tinysft.data.formats import Conversation
 from tinysft.data.render import show_mask as render_mask
 from tinysft.data.rules import check_trainable, require_two_labels
-from tinysft.data.validate import (
-    DataError,
-    DataStats,
-    Problem,
-    conversation_stats,
-    load_conversations,
-    load_labeled,
-)
+from tinysft.data.validate import DataError, Problem, load_conversations, load_labeled
 
 
 @dataclass
@@ -126,3 +122,63 @@ def print_report(report: CheckReport, console: Any) -> None:
     for source, text in report.masks:
         console.print(f"\n[bold]{source}[/bold] (trained tokens highlighted)")
         console.print(text)
+
+
+# ---- duplicates and near-duplicates --------------------------------------------------------------
+
+_WORD = re.compile(r"[a-z0-9']+")
+
+
+def _norm_key(conv: Conversation) -> str:
+    text = "\x1f".join(f"{m['role']}:{' '.join(m['content'].lower().split())}" for m in conv.messages)
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+def _shingles(text: str) -> set[str]:
+    words = _WORD.findall(text.lower())
+    return {" ".join(words[i : i + 2]) for i in range(max(1, len(words) - 1))} if words else set()
+
+
+@dataclass
+class DataStats:
+    rows: int = 0
+    formats: Counter = field(default_factory=Counter)
+    categories: Counter = field(default_factory=Counter)
+    turns: Counter = field(default_factory=Counter)
+    exact_duplicates: list[tuple[str, str]] = field(default_factory=list)
+    near_duplicates: list[tuple[str, str, float]] = field(default_factory=list)
+
+
+def conversation_stats(convs: list[Conversation], near_threshold: float = 0.8, max_pairs: int = 5000) -> DataStats:
+    """Counts per format/category, exact duplicates (same normalised messages) and near duplicates
+    (Jaccard similarity of word bigrams of the first user message >= ``near_threshold``)."""
+    stats = DataStats(rows=len(convs))
+    seen: dict[str, str] = {}
+    for c in convs:
+        stats.formats[c.format] += 1
+        stats.categories[c.category or "(none)"] += 1
+        stats.turns[sum(m["role"] == "assistant" for m in c.messages)] += 1
+        key = _norm_key(c)
+        if key in seen:
+            stats.exact_duplicates.append((seen[key], c.source))
+        else:
+            seen[key] = c.source
+    firsts = [(c.source, _shingles(next((m["content"] for m in c.messages if m["role"] == "user"), ""))) for c in convs]
+    # O(n^2) over rows, fine for the few thousand rows an SFT set of this size has; capped.
+    n = min(len(firsts), max_pairs)
+    for i in range(n):
+        a_src, a = firsts[i]
+        if not a:
+            continue
+        for j in range(i + 1, n):
+            b_src, b = firsts[j]
+            if not b:
+                continue
+            sim = len(a & b) / len(a | b)
+            if near_threshold <= sim < 1.0 or (sim == 1.0 and not _same(convs[i], convs[j])):
+                stats.near_duplicates.append((a_src, b_src, round(sim, 2)))
+    return stats
+
+
+def _same(a: Conversation, b: Conversation) -> bool:
+    return _norm_key(a) == _norm_key(b)
