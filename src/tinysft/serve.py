@@ -377,8 +377,8 @@ def create_app(loaded: LoadedRun, *, api_key: str | None = None, model_name: str
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             # Submitted now, not when the response starts: the reserved queue slot is always released.
-            events = _start_stream(job)
-            return StreamingResponse(_stream(events, job, rid, now, req.model, len(prompt), include_usage),
+            events = start_stream(generator, job)
+            return StreamingResponse(stream_chunks(events, job, rid, now, req.model, len(prompt), include_usage, log),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             result: Completion = await asyncio.wrap_future(generator.submit(lambda: generator.run(job)))
@@ -390,58 +390,60 @@ def create_app(loaded: LoadedRun, *, api_key: str | None = None, model_name: str
                              "finish_reason": result.finish_reason, "logprobs": None}],
                 "usage": _usage(len(prompt), result.completion_tokens)}
 
-    def _start_stream(job: Job) -> asyncio.Queue[tuple[str, Any]]:
-        """Queue the job; its text pieces arrive on the returned asyncio queue as ("delta", str),
-        then ("done", Completion) or ("error", exception)."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-
-        def put(item: tuple[str, Any]) -> None:
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-            except RuntimeError:  # the event loop closed (server shutting down)
-                job.cancelled.set()
-
-        def work() -> None:
-            try:
-                put(("done", generator.run(job, emit=lambda delta: put(("delta", delta)))))
-            except Exception as e:
-                put(("error", e))
-
-        generator.submit(work)
-        return queue
-
-    async def _stream(queue: asyncio.Queue[tuple[str, Any]], job: Job, rid: str, now: int, model: str,
-                      prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
-        def chunk(delta: dict[str, Any], finish: str | None = None, usage: dict[str, int] | None = None) -> str:
-            body: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model,
-                                    "choices": [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish,
-                                                                  "logprobs": None}]}
-            if usage:
-                body["usage"] = usage
-            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-        try:
-            yield chunk({"role": "assistant", "content": ""})
-            while True:
-                kind, value = await queue.get()
-                if kind == "delta":
-                    yield chunk({"content": value})
-                elif kind == "done":
-                    yield chunk({}, value.finish_reason)
-                    if include_usage:
-                        yield chunk({}, usage=_usage(prompt_tokens, value.completion_tokens))
-                    break
-                else:
-                    log(f"internal error while streaming: {type(value).__name__}: {value}")
-                    err = {"error": {"message": "Internal server error.", "type": "server_error", "param": None, "code": None}}
-                    yield f"data: {json.dumps(err)}\n\n"
-                    break
-            yield "data: [DONE]\n\n"
-        finally:
-            job.cancelled.set()  # a client that disconnects mid-stream stops its generation
-
     return app
+
+
+def start_stream(generator: Generator, job: Job) -> asyncio.Queue[tuple[str, Any]]:
+    """Queue the job; its text pieces arrive on the returned asyncio queue as ("delta", str),
+    then ("done", Completion) or ("error", exception)."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+    def put(item: tuple[str, Any]) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the event loop closed (server shutting down)
+            job.cancelled.set()
+
+    def work() -> None:
+        try:
+            put(("done", generator.run(job, emit=lambda delta: put(("delta", delta)))))
+        except Exception as e:
+            put(("error", e))
+
+    generator.submit(work)
+    return queue
+
+async def stream_chunks(queue: asyncio.Queue[tuple[str, Any]], job: Job, rid: str, now: int, model: str,
+                        prompt_tokens: int, include_usage: bool, log: Callable[[str], None]) -> AsyncIterator[str]:
+    """The job's server-sent events in OpenAI's chunk format, ending with [DONE]."""
+    def chunk(delta: dict[str, Any], finish: str | None = None, usage: dict[str, int] | None = None) -> str:
+        body: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model,
+                                "choices": [] if usage else [{"index": 0, "delta": delta, "finish_reason": finish,
+                                                              "logprobs": None}]}
+        if usage:
+            body["usage"] = usage
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        while True:
+            kind, value = await queue.get()
+            if kind == "delta":
+                yield chunk({"content": value})
+            elif kind == "done":
+                yield chunk({}, value.finish_reason)
+                if include_usage:
+                    yield chunk({}, usage=_usage(prompt_tokens, value.completion_tokens))
+                break
+            else:
+                log(f"internal error while streaming: {type(value).__name__}: {value}")
+                err = {"error": {"message": "Internal server error.", "type": "server_error", "param": None, "code": None}}
+                yield f"data: {json.dumps(err)}\n\n"
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancelled.set()  # a client that disconnects mid-stream stops its generation
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
