@@ -135,3 +135,40 @@ def test_manifest_records_the_base_and_a_foreign_base_is_refused(run: Path, tiny
     (moved / "manifest.json").write_text(json.dumps(manifest))
     (tmp_path / "a.jsonl").unlink()
     assert invoke(args).exit_code == 0
+
+
+def test_a_classification_run_on_another_encoder_is_refused(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    """Same shapes, other weights: the encoder's fingerprint in the manifest catches it."""
+    import shutil
+
+    import torch
+    import yaml
+    from transformers import BertModel
+
+    from conftest import EXAMPLES
+    from tinysft.config import load_config
+    from tinysft.evaluate.classification import load_classifier_run
+    from tinysft.models.load import RunPermissions, run_permissions
+    from tinysft.models.registry import ModelError
+    from tinysft.training import train_classifier
+
+    cfg = load_config(None, {"model": {"name": str(tiny_bert_dir)},
+                             "data": {"train": [str(EXAMPLES / "news-topics" / "unit_test.jsonl")]},
+                             "train": {"task": "classify", "epochs": 1}})
+    run = tmp_path / "run"
+    train_classifier(cfg, run, log=lambda m: None, show_progress=False)
+    assert json.loads((run / "manifest.json").read_text())["base"]["fingerprint"].startswith("v1:")
+    load_classifier_run(run, log=lambda m: None)  # its own base: loads
+    other = tmp_path / "other-bert"
+    shutil.copytree(tiny_bert_dir, other)
+    torch.manual_seed(123)
+    BertModel(BertModel.from_pretrained(str(tiny_bert_dir)).config).save_pretrained(other)  # same shapes, new weights
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved["model"]["name"] = str(other)
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(ModelError, match=r"trained on the base .*tiny-bert.*other-bert.*--allow-other-base"):
+        load_classifier_run(run, log=lambda m: None)
+    said: list[str] = []
+    with run_permissions(RunPermissions(allow_other_base=True)):
+        load_classifier_run(run, log=said.append)
+    assert any("Loading anyway" in m for m in said)

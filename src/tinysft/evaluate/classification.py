@@ -21,7 +21,8 @@ from tinysft.data.validate import DataError, Problem, load_labeled, read_rows
 from tinysft.evaluate.classification_metrics import classification_metrics
 from tinysft.evaluate.classification_report import write_classification_report
 from tinysft.models.encoder import HEAD_INIT_FILE, class_logits, load_encoder, max_length_for
-from tinysft.models.load import load_run_config
+from tinysft.models.identity import check_same_base
+from tinysft.models.load import granted_permissions, load_run_config
 from tinysft.models.registry import ModelError
 
 
@@ -61,6 +62,8 @@ def load_classifier_run(run_dir: str | Path, device: torch.device | str | None =
     # Same seed as training: the base's untrained head is the one training started from.
     torch.manual_seed(cfg.train.seed)
     base, tokenizer, _, _ = load_encoder(cfg.model, labels, device, log=log)
+    # The base the adapter was trained on (manifest "base"), unless the user said otherwise.
+    check_same_base(run_dir, cfg.model.name, base, allow_other_base=granted_permissions().allow_other_base, log=log)
     head_init = run_dir / HEAD_INIT_FILE
     if head_init.is_file() and hasattr(base, "classifier"):
         from safetensors.torch import load_file

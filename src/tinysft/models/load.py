@@ -355,6 +355,11 @@ def run_permissions(permissions: RunPermissions) -> Iterator[None]:
         _PERMISSIONS.reset(token)
 
 
+def granted_permissions() -> RunPermissions:
+    """The permissions the current command granted (``run_permissions``); none by default."""
+    return _PERMISSIONS.get()
+
+
 def load_run_config(run_dir: str | Path, log=print) -> Any:
     """A run folder's config.yaml as a RunConfig, with ``model.trust_remote_code`` and
     ``model.allow_pickle`` taken from the granted :class:`RunPermissions`, never from the file.
@@ -424,7 +429,7 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", log=print,
         base = base.dequantize()
     from tinysft.models.identity import check_same_base
 
-    check_same_base(run_dir, cfg.model.name, base, allow_other_base=_PERMISSIONS.get().allow_other_base, log=log)
+    check_same_base(run_dir, cfg.model.name, base, allow_other_base=granted_permissions().allow_other_base, log=log)
     if (run_dir / "tokenizer").is_dir():
         tokenizer = apply_chat_template(load_tokenizer(str(run_dir / "tokenizer")), cfg.model.chat_template)
     try:

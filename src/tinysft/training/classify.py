@@ -45,6 +45,7 @@ from tinysft.models.encoder import (
     max_length_for,
     sentence_embeddings,
 )
+from tinysft.models.identity import base_identity
 from tinysft.models.load import add_lora
 from tinysft.training.checkpoints import load_adapter_weights, resume_point, write_manifest
 from tinysft.training.loop import (
@@ -230,7 +231,8 @@ def train_classifier(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fals
         mark_output(run_dir, "run")  # `train --force` may replace it later; nothing else tinysft writes may
         atomic_write_text(run_dir / "labels.json", json.dumps(labels, indent=2, ensure_ascii=False))
         write_manifest(run_dir, cfg, model_path, {"train_rows": len(train_rows), "eval_rows": len(eval_rows),
-                                                  "labels": labels, "head_modules": saved})
+                                                  "labels": labels, "head_modules": saved,
+                                                  "base": base_identity(cfg.model.name, base)})
 
     # ---- batches and schedule -------------------------------------------------------------------------
     bs = cfg.train.batch_size
