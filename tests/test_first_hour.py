@@ -48,6 +48,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> 
     return run
 
 
+@pytest.mark.slow  # CLI subprocesses
 def test_version_usage_name_and_flags_shown_bare() -> None:
     from tinysft import __version__
 
@@ -58,6 +59,7 @@ def test_version_usage_name_and_flags_shown_bare() -> None:
     assert "--strict" in help_text and "<bool>" not in help_text
 
 
+@pytest.mark.slow  # CLI subprocesses
 def test_shell_completion_completes_commands() -> None:
     proc = tinysft(env={"_TINYSFT_COMPLETE": "complete_bash", "COMP_WORDS": "tinysft tr", "COMP_CWORD": "1"})
     assert proc.returncode == 0 and proc.stdout.split() == ["train"]
@@ -71,6 +73,7 @@ def test_dtype_aliases_everywhere() -> None:
     assert load_config(None, {"model": {"dtype": "fp32"}}).model.dtype == "float32"
 
 
+@pytest.mark.slow  # CLI subprocesses
 def test_merge_accepts_fp16(tiny_run: Path, tmp_path: Path) -> None:
     proc = tinysft("merge", str(tiny_run), "--out", str(tmp_path / "merged"), "--dtype", "fp16")
     assert proc.returncode == 0, proc.stderr
@@ -78,6 +81,7 @@ def test_merge_accepts_fp16(tiny_run: Path, tmp_path: Path) -> None:
     user_error(tinysft("merge", str(tiny_run), "--out", str(tmp_path / "m2"), "--dtype", "fp8"), "fp16")
 
 
+@pytest.mark.slow  # CLI subprocesses
 def test_generate_defaults_to_the_runs_answer_length(tiny_run: Path, tmp_path: Path, tokenizer) -> None:
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Tell me a long story about cats."}])
     out = tmp_path / "answers.jsonl"
@@ -86,12 +90,14 @@ def test_generate_defaults_to_the_runs_answer_length(tiny_run: Path, tmp_path: P
     assert len(tokenizer(answer, add_special_tokens=False)["input_ids"]) <= 3  # eval.max_new_tokens of the run
 
 
+@pytest.mark.slow  # CLI subprocesses
 def test_eval_on_a_config_folder_says_train_it_first() -> None:
     proc = tinysft("eval", str(EXAMPLES / "polite-helper"), "--no-forgetting")
     user_error(proc, "not a run", "tinysft train", "config.yaml")
     assert "--resume" not in proc.stderr
 
 
+@pytest.mark.slow  # CLI subprocesses
 def test_serve_and_ui_on_a_busy_port_fail_before_loading(tiny_run: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

@@ -38,6 +38,7 @@ def test_card_names_base_data_hash_and_config(run: Path, tiny_model_dir: Path) -
     assert "max_steps: 1" in text and "Before / after" not in text  # not evaluated yet
 
 
+@pytest.mark.slow  # CLI subprocesses
 def test_eval_puts_the_before_after_summary_in_the_adapter_card(run: Path, tmp_path: Path) -> None:
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "What is 1 plus 2?", "keywords": ["3"]}])
     proc = subprocess.run([sys.executable, "-m", "tinysft", "eval", str(run), "--prompts", str(prompts),
@@ -100,6 +101,7 @@ def test_modelfile_without_a_known_format_relies_on_the_gguf_template() -> None:
     assert [w for w, _ in pairs] == ["FROM", "PARAMETER"] and pairs[1][1] == 'stop "<eos>"'
 
 
+@pytest.mark.slow  # CLI subprocesses
 def test_merge_writes_the_card_and_export_the_modelfile(run: Path, tmp_path: Path) -> None:
     merged = tmp_path / "merged"
     proc = subprocess.run([sys.executable, "-m", "tinysft", "merge", str(run), "--out", str(merged)],

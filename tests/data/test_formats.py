@@ -116,6 +116,7 @@ def test_each_new_format_trains_a_few_steps(tmp_path: Path, tiny_model_dir: Path
     assert any("preference_loss" in row for row in logged), logged[:2]
 
 
+@pytest.mark.slow  # CLI subprocesses
 def test_classification_csv_to_chat_train_is_one_hint(tmp_path: Path) -> None:
     csv = tmp_path / "topics.csv"
     csv.write_text("text,label\n" + "".join(f"row {i} about sport,sport\n" for i in range(12)))
