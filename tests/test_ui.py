@@ -12,40 +12,27 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from conftest import CHAT_ROWS, write_jsonl
-
 pytest.importorskip("httpx")
 KEY = "ui-key-456"
 HI = [{"role": "user", "content": "What is 2 plus 2?"}]
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
-    from tinysft.config import load_config, parse_overrides
-    from tinysft.training import train
 
-    tmp = tmp_path_factory.mktemp("ui-run")
-    cfg = load_config(None, parse_overrides(["train.epochs=1", "train.batch_size=4", "train.learning_rate=1e-2",
-                                             "lora.r=4", "lora.alpha=8", "data.max_length=128"]))
-    cfg.model.name = str(tiny_model_dir)
-    cfg.data.train = [str(write_jsonl(tmp / "train.jsonl", CHAT_ROWS))]
-    train(cfg, tmp / "polite", show_progress=False, log=lambda m: None)
-    return tmp / "polite"
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_run: Path):
+def loaded(ui_run: Path):
     from tinysft.models.load import load_run
 
-    return load_run(tiny_run, log=lambda m: None)
+    return load_run(ui_run, log=lambda m: None)
 
 
 @pytest.fixture(scope="module")
-def loaded2(tiny_run: Path):
+def loaded2(ui_run: Path):
     """A second copy, as `tinysft ui RUN` loads: each side's serve app owns one."""
     from tinysft.models.load import load_run
 
-    return load_run(tiny_run, log=lambda m: None)
+    return load_run(ui_run, log=lambda m: None)
 
 
 @pytest.fixture
@@ -186,7 +173,7 @@ def test_bad_votes_get_400_and_nothing_is_written(client, tmp_path: Path, body: 
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
 
 
-def test_export_writes_rows_that_data_check_and_train_accept(client, tmp_path: Path, tiny_run: Path,
+def test_export_writes_rows_that_data_check_and_train_accept(client, tmp_path: Path, ui_run: Path,
                                                             tiny_model_dir: Path) -> None:
     from tinysft.cli import app
 
@@ -219,7 +206,7 @@ def test_export_writes_rows_that_data_check_and_train_accept(client, tmp_path: P
     before = out.read_text()
     result = runner.invoke(app, ["votes", "export", str(tmp_path), "--out", str(out)])
     assert result.exit_code == 1 and "already exists" in result.output and out.read_text() == before
-    for run, msg in ((tmp_path / "nope", "no such run folder"), (tiny_run, "no votes yet")):
+    for run, msg in ((tmp_path / "nope", "no such run folder"), (ui_run, "no votes yet")):
         result = runner.invoke(app, ["votes", "export", str(run), "--out", str(tmp_path / "x.jsonl")])
         assert result.exit_code == 1 and msg in result.output and "Traceback" not in result.output
     assert not (tmp_path / "x.jsonl").exists()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -20,47 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CHAT_ROWS, write_jsonl
-
 pytestmark = pytest.mark.browser
 sync_api = pytest.importorskip("playwright.sync_api")
 KEY = "browser-key-789"
 
 
-@pytest.fixture(scope="module")
-def chromium() -> str:
-    """Debian's chromium (playwright's own download needs a CDN); installed with apt-get when missing,
-    as tests/test_report.py does (skips only if that fails)."""
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found:
-        return found
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("chromium is not installed and apt-get cannot be run here (needs root on Debian)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    try:
-        subprocess.run(["apt-get", "update"], check=True, capture_output=True, timeout=600, env=env)
-        subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "chromium"], check=True,
-                       capture_output=True, timeout=1200, env=env)
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
-        pytest.skip(f"could not install chromium with apt-get: {e}")
-    found = shutil.which("chromium")
-    if not found:
-        pytest.skip("apt-get install chromium succeeded but no chromium binary was found")
-    return found
 
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_model_dir) -> Path:
-    from tinysft.config import load_config, parse_overrides
-    from tinysft.training import train
-
-    tmp = tmp_path_factory.mktemp("ui-browser")
-    cfg = load_config(None, parse_overrides(["train.epochs=1", "train.batch_size=4", "train.learning_rate=1e-2",
-                                             "lora.r=4", "lora.alpha=8", "data.max_length=128"]))
-    cfg.model.name = str(tiny_model_dir)
-    cfg.data.train = [str(write_jsonl(tmp / "train.jsonl", CHAT_ROWS))]
-    train(cfg, tmp / "polite", show_progress=False, log=lambda m: None)
-    return tmp / "polite"
 
 
 def free_port() -> int:
@@ -70,10 +34,10 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def ui_server(tiny_run: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+def ui_server(ui_run: Path) -> Iterator[tuple[str, subprocess.Popen]]:
     port = free_port()
     env = {**os.environ, "TINYSFT_API_KEY": KEY}
-    proc = subprocess.Popen([sys.executable, "-m", "tinysft", "ui", str(tiny_run), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "tinysft", "ui", str(ui_run), "--port", str(port)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
@@ -127,7 +91,7 @@ def ask(page, prompt: str) -> dict[str, dict[str, str]]:
     return answers(page)
 
 
-def test_compare_vote_export_in_chromium(chromium: str, ui_server, tiny_run: Path, tmp_path: Path) -> None:
+def test_compare_vote_export_in_chromium(chromium: str, ui_server, ui_run: Path, tmp_path: Path) -> None:
     url, proc = ui_server
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
@@ -166,7 +130,7 @@ def test_compare_vote_export_in_chromium(chromium: str, ui_server, tiny_run: Pat
         page.wait_for_function("() => document.querySelector('#tally').dataset.votes === '2'")
         assert "1 tie" in page.text_content("#tally")
 
-        votes = [json.loads(line) for line in (tiny_run / "votes.jsonl").read_text().splitlines()]
+        votes = [json.loads(line) for line in (ui_run / "votes.jsonl").read_text().splitlines()]
         assert [v["pick"] for v in votes] == ["A", "tie"]
         assert votes[0]["winner"] == shown["A"] and votes[1]["winner"] == "tie"
         assert votes[0]["answers"][shown["A"]] == first["A"]["text"]
@@ -194,7 +158,7 @@ def test_compare_vote_export_in_chromium(chromium: str, ui_server, tiny_run: Pat
         page.click("#tab-report")
         page.wait_for_selector("#loss circle")  # the run's metrics.jsonl (one logged step here), drawn
         page.wait_for_function("() => document.querySelector('#report-note').textContent.includes('tinysft eval')")
-        write_small_report(tiny_run)  # no report yet (said how to make one); now `eval` has written one
+        write_small_report(ui_run)  # no report yet (said how to make one); now `eval` has written one
         page.click("#tab-compare")
         page.click("#tab-report")
         page.wait_for_function("() => document.querySelector('#rows h2')?.textContent === 'Answers (2)'")

@@ -5,21 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-
-@pytest.fixture(scope="module")
-def lively_model(tokenizer):
-    """A tiny random llama whose greedy answers vary (the shared tiny model only emits newlines)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         initializer_range=0.3, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return LlamaForCausalLM(config).eval()
-
-
 PROMPTS = [
     [{"role": "user", "content": "Hi"}],
     [{"role": "user", "content": "Tell me a long story about a dragon who learned to bake bread in the mountains."}],

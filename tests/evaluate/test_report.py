@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -203,25 +201,7 @@ def test_eval_cli(tiny_run, prompt_file: Path, tmp_path: Path) -> None:
 
 
 # ---- rendered in a real browser ---------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def chromium() -> str:
-    """Debian's chromium; installed with apt-get when missing (skips only if that fails)."""
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found:
-        return found
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("chromium is not installed and apt-get cannot be run here (needs root on Debian)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    try:
-        subprocess.run(["apt-get", "update"], check=True, capture_output=True, timeout=600, env=env)
-        subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "chromium"], check=True,
-                       capture_output=True, timeout=1200, env=env)
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
-        pytest.skip(f"could not install chromium with apt-get: {e}")
-    found = shutil.which("chromium")
-    if not found:
-        pytest.skip("apt-get install chromium succeeded but no chromium binary was found")
-    return found
+
 
 
 def screenshot(browser: str, page: Path, png: Path, width: int, height: int = 1800) -> None:
