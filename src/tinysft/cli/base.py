@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -82,11 +83,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from tinysft.files import OutputError
     from tinysft.models.registry import ModelError
     from tinysft.ports import PortError
-    from tinysft.training import TrainError
     from tinysft.votes import VotesError
 
-    return (ConfigError, DataError, RenderError, RowProblem, ModelError, TrainError, OutputError, FileNotFoundError,
-            PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError, VotesError, PortError)
+    # A TrainError exists only once tinysft.training is imported; importing it here would load torch
+    # (seconds) just to report an error that came before training, such as an unreachable hub id.
+    training = sys.modules.get("tinysft.training.checkpoints")
+    return (ConfigError, DataError, RenderError, RowProblem, ModelError, OutputError, FileNotFoundError,
+            PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError, VotesError, PortError,
+            *((training.TrainError,) if training else ()))
 
 
 def clean_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

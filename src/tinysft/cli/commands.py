@@ -68,10 +68,14 @@ def data_check(
     Example: tinysft data check examples/polite-helper/train.jsonl --show-mask 2
     """
     from tinysft.config import load_config
-    from tinysft.data import stats as data_stats
+    from tinysft.models.registry import check_hub_id
 
     cfg = load_config(config)  # no file: the defaults, which are training's defaults
     task = task or cfg.train.task
+    if task != "classify":
+        check_hub_id(model or cfg.model.name, log=_log)  # an unreachable hub id fails in seconds
+    from tinysft.data import stats as data_stats
+
     if task == "classify":
         report = data_stats.check_labeled([str(f) for f in files], strict=strict)
     else:
@@ -134,6 +138,9 @@ def train_cmd(
     if eval_data:
         overrides.setdefault("data", {})["eval"] = eval_data
     cfg = load_config(config, overrides)
+    from tinysft.models.registry import check_hub_id
+
+    check_hub_id(cfg.model.name, log=_log)  # an unreachable hub id fails here, in seconds, before torch loads
     if force and out_dir.exists():
         import shutil
 

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from tinysft.models.registry import (
     HUB_KERNELS_OFF,
     ModelError,
     check_gguf,
+    check_hub_id,
     convert_gguf,
     ensure_embedded,
     first_line,
@@ -36,7 +38,17 @@ def _drop_hub_kernel_warning(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
 
 
+def _drop_offline_trust_note(record: logging.LogRecord) -> bool:
+    """The kernels package notes, at every import of bitsandbytes in offline mode, that it skips the
+    publisher check of that same hub kernel; nothing the user can act on either."""
+    return not record.getMessage().startswith("Skipping publisher trust check for 'kernels-community/")
+
+
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_hub_kernel_warning)
+logging.getLogger("kernels._internals.hf_hub").addFilter(_drop_offline_trust_note)
+# PEFT, saving an adapter whose base is a hub id while offline, cannot look up the base's config on
+# the hub and says it will assume an unmodified vocabulary: tinysft never resizes the embeddings.
+warnings.filterwarnings("ignore", message=r"Could not find a config file in .* - will assume that the vocabulary")
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -159,7 +171,7 @@ def resolve_model_path(name: str, log=print) -> str:
         raise ModelError(f"{path}: no such model folder or file — check the path (or pick an embedded model: "
                          f"{', '.join(EMBEDDED)}).")
     if name.count("/") == 1:
-        # A hub id (org/name): the same code path users with network hit; offline it fails in transformers.
+        check_hub_id(name, log=log)  # a hub id (org/name): downloaded by transformers, or read from the HF cache
         return name
     raise ModelError(f"model '{name}' is not an embedded name ({', '.join(EMBEDDED)}), an existing folder, "
                      "or a .gguf file. Check the spelling, or pass a hub id as org/name.")

@@ -8,6 +8,7 @@ sha256 is checked, the weights are extracted, and a plain safetensors folder is 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -200,6 +201,110 @@ def check_gguf(path: Path) -> None:
         magic = f.read(4)
     if magic != b"GGUF":
         raise ModelError(f"{path}: not a GGUF file (bad magic bytes) — pass a .gguf model file.")
+
+
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` is a hub id (``org/name``) rather than an embedded name or a local path:
+    what ``models.load.resolve_model_path`` hands to transformers to download or read from cache."""
+    if name in EMBEDDED or name.endswith(".gguf") or name.count("/") != 1:
+        return False
+    if name.startswith(("/", ".", "~")) or "\\" in name:
+        return False
+    return not Path(name).expanduser().exists()
+
+
+def hub_endpoint() -> str:
+    """The model hub that downloads go to: ``HF_ENDPOINT`` if set, else https://huggingface.co."""
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def hub_offline() -> bool:
+    """Whether huggingface_hub is in offline mode (``HF_HUB_OFFLINE``): no request is made at all."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def hub_cached(repo_id: str) -> bool:
+    """Whether ``repo_id``'s config.json is in the local Hugging Face cache (HF_HOME / HF_HUB_CACHE).
+
+    Every causal LM and encoder tinysft loads has one, so it stands for "downloaded before".
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # a malformed id: not cached; the hub's own error names the problem
+        return False
+
+
+@functools.lru_cache(maxsize=4)
+def hub_unreachable(endpoint: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """Why the hub at ``endpoint`` cannot be reached (one short line), or None when it answers.
+
+    One HEAD request through huggingface_hub's own session (so its proxy settings apply), given
+    ``timeout`` seconds in all, once per process. The request runs in a daemon thread because the
+    HTTP client's timeout does not bound the DNS lookup, which can hang far longer on a machine
+    whose resolver is unreachable. Any HTTP status counts as reachable: only a request that gets
+    no answer (no DNS, refused, timed out, TLS failure) does not.
+    """
+    import threading
+
+    from huggingface_hub.utils import get_session
+
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            get_session().head(endpoint, timeout=timeout)
+            outcome.append(None)
+        except Exception as e:
+            outcome.append(first_line(e))
+
+    thread = threading.Thread(target=probe, name="tinysft-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return outcome[0] if outcome else f"no answer within {timeout:g} s"
+
+
+def check_hub_id(name: str, log: Callable[[str], None] = print) -> None:
+    """Fail in seconds, with the fix, for a hub id that cannot be downloaded; no-op for other names.
+
+    Without this, huggingface_hub retries each file of an uncached id for about a minute when the
+    hub cannot be reached, then fails. A cached id always passes: when the hub does not answer,
+    huggingface_hub is switched to offline mode for this process, so every file is read from the
+    cache at once (instead of a retried request for each optional file the cache lacks).
+    """
+    if not is_hub_id(name):
+        return
+    cached = hub_cached(name)
+    if hub_offline():
+        if cached:
+            return
+        raise ModelError(f"{name}: this hub id is not in the local Hugging Face cache, and HF_HUB_OFFLINE is set, "
+                         f"so it cannot be downloaded. {_hub_fix(name)}")
+    reason = hub_unreachable(hub_endpoint())
+    if reason is None:
+        return
+    if not cached:
+        raise ModelError(f"{name}: this hub id is not in the local Hugging Face cache, and the model hub "
+                         f"{hub_endpoint()} cannot be reached ({reason}). {_hub_fix(name)}")
+    from huggingface_hub import constants
+
+    log(f"The model hub {hub_endpoint()} cannot be reached ({reason}); using the cached copy of {name}.")
+    os.environ["HF_HUB_OFFLINE"] = "1"  # for child processes (data loader workers, evaluation)
+    constants.HF_HUB_OFFLINE = True  # huggingface_hub and transformers read it through is_offline_mode()
+
+
+def _hub_fix(name: str) -> str:
+    return ("Use an embedded model (see `tinysft models`), a local model folder or a .gguf file; or, on a machine "
+            f"with network, download it (`hf download {name}`) and copy the Hugging Face cache "
+            "(~/.cache/huggingface/hub) here; or set HF_ENDPOINT to a hub mirror you can reach.")
 
 
 def first_line(e: BaseException) -> str:

@@ -15,15 +15,12 @@ they save, per CPU kind, is measured in docs/benchmarks.md.
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from tinysft.models.cpu.allocator import cap_onednn_cache
-from tinysft.models.cpu.lora_dropout import use_fast_dropout
-from tinysft.models.cpu.lora_linear import use_fused_lora
-from tinysft.models.cpu.rms_norm import use_fast_rms_norm
-from tinysft.models.cpu.swiglu import use_fused_silu_mul
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["apply_speedups", "cap_onednn_cache"]
 
@@ -36,6 +33,12 @@ def apply_speedups(model: Any, device: torch.device, mixed_precision: str) -> di
     (on a GPU, torch's own kernels are already fused where it matters); the dropout and the
     dtype switch apply everywhere.
     """
+    # Imported here, not at the top: the CLI imports this package (allocator) at every start, and
+    # these pull in torch, which a command that fails early never needs.
+    from tinysft.models.cpu.lora_dropout import use_fast_dropout
+    from tinysft.models.cpu.lora_linear import use_fused_lora
+    from tinysft.models.cpu.rms_norm import use_fast_rms_norm
+    from tinysft.models.cpu.swiglu import use_fused_silu_mul
     from tinysft.models.load import keep_lora_inputs_in_compute_dtype
 
     applied = {"fast LoRA dropout": use_fast_dropout(model)}
