@@ -341,18 +341,18 @@ def stream_text(model: Any, tokenizer: Any, messages: list[Message], sampling: S
 
 
 @torch.inference_mode()
-def greedy_continuation(model: Any, prompt: list[int], n: int) -> tuple[torch.Tensor, list[int]]:
-    """Prompt logits [seq, vocab] (float32) and exactly ``n`` greedy tokens, end-of-turn tokens not
-    special: a fixed-length continuation to compare two models with (export's check)."""
+def greedy_continuations(model: Any, prompts: list[list[int]], n: int) -> list[tuple[torch.Tensor, list[int]]]:
+    """For each prompt: its logits [seq, vocab] (float32) and exactly ``n`` greedy tokens, end-of-turn
+    tokens not special: fixed-length continuations to compare two models with (export's check). The
+    continuations are decoded together, as one batch of the one decoder."""
     device = next(model.parameters()).device
-    out = model(input_ids=torch.tensor([prompt], device=device), use_cache=True)
-    logits = out.logits[0].float().cpu()
-    rest = decode(model, _NoStops(), [prompt], Sampling(max_new_tokens=n), batch_size=1)[0].tokens
-    return logits, rest
+    logits = [model(input_ids=torch.tensor([p], device=device)).logits[0].float().cpu() for p in prompts]
+    answers = decode(model, _NoStops(), prompts, Sampling(max_new_tokens=n), batch_size=len(prompts) or 1)
+    return [(lg, a.tokens) for lg, a in zip(logits, answers, strict=True)]
 
 
 class _NoStops:
-    """A stand-in tokenizer for ``decode`` with no stop tokens (only ``greedy_continuation`` uses it)."""
+    """A stand-in tokenizer for ``decode`` with no stop tokens (only ``greedy_continuations`` uses it)."""
 
     eos_token_id = None
     pad_token_id = 0

@@ -18,7 +18,7 @@ import torch
 from tinysft.export.gguf_writer import GgufType, write_gguf
 from tinysft.export.merge import ExportError, _check_out, inputs_of, merged_model
 from tinysft.files import replace_output
-from tinysft.generation import greedy_continuation
+from tinysft.generation import greedy_continuations
 from tinysft.model_card import write_modelfile
 from tinysft.models.load import HUB_KERNELS_OFF
 
@@ -100,11 +100,13 @@ def export_gguf(run_dir: str | Path, out_file: str | Path, *, gguf_type: GgufTyp
         if not worst <= GGUF_WEIGHT_RTOL[gguf_type]:
             raise ExportError(f"{out_file}: tensor {worst_name} differs from the merged model by {worst:.3g} of its "
                               f"range (more than {gguf_type} rounding); nothing written. This is a bug.")
-        log(f"Comparing greedy continuations ({new_tokens} tokens) on {len(m.prompts)} prompts...")
+        log(f"Comparing greedy continuations ({new_tokens} tokens) on {len(m.prompts)} prompts, one batch per "
+            "model: the merged model (1/2)...")
+        reference = greedy_continuations(m.model, m.prompts, new_tokens)
+        log("... and the GGUF read back (2/2).")
+        exported = greedy_continuations(g_model, m.prompts, new_tokens)
         logit_diff, agree, identical = 0.0, 0, 0
-        for ids in m.prompts:
-            ref_logits, ref_tokens = greedy_continuation(m.model, ids, new_tokens)
-            g_logits, g_tokens = greedy_continuation(g_model, ids, new_tokens)
+        for (ref_logits, ref_tokens), (g_logits, g_tokens) in zip(reference, exported, strict=True):
             logit_diff = max(logit_diff, float((ref_logits - g_logits).abs().max()))
             same = _common_prefix(ref_tokens, g_tokens)
             agree += same
