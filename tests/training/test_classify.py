@@ -436,3 +436,48 @@ def test_distilbert_trains_lora_on_q_lin_v_lin_and_saves_its_head(tmp_path: Path
     assert any(".q_lin.lora_A" in k for k in keys) and any(".v_lin.lora_B" in k for k in keys)
     assert any("pre_classifier" in k for k in keys) and any(k.endswith("classifier.weight") for k in keys)
     assert not (tmp_path / "run" / "head_init.safetensors").exists()  # its own head: random init, no probe
+
+
+def test_a_decoder_classifies_through_its_score_head_started_from_a_linear_probe(tmp_path: Path,
+                                                                                  tiny_model_dir: Path) -> None:
+    """A causal LM gets its own sequence-classification head (``score``, the last non-pad token's final
+    state); the head starts as a logistic regression on exactly the features it reads (head_init.safetensors,
+    the report's base), so base predictions equal that probe's, and the adapter changes them."""
+    from safetensors.torch import load_file
+
+    from tinysft.evaluate.classification import load_classifier_run, predict_texts
+    from tinysft.models.encoder import head_features, is_decoder, probe_head
+    from tinysft.training import train_classifier
+
+    assert is_decoder(tiny_model_dir)
+    run = tmp_path / "run"
+    train_classifier(tiny_config(tiny_model_dir, [str(NEWS / "unit_test.jsonl")], epochs=2), run,
+                     log=lambda _m: None, show_progress=False)
+    head = load_file(str(run / "head_init.safetensors"))
+    assert set(head) == {"weight"}  # a decoder's score has no bias, and the probe fits none
+    loaded = load_classifier_run(run, log=lambda _m: None)
+    inner = loaded.model.base_model.model
+    assert probe_head(inner) is not None
+    rows = [json.loads(line) for line in (NEWS / "unit_test.jsonl").read_text().splitlines()]
+    texts = [r["text"] for r in rows]
+    with loaded.model.disable_adapter():
+        base_feats = head_features(inner, loaded.tokenizer, texts)
+        base_preds = [p for p, _ in predict_texts(loaded, texts, tuned=False)]
+    assert [LABELS[i] for i in (base_feats @ head["weight"].float().T).argmax(-1)] == base_preds
+    probe_acc = sum(p == r["label"] for p, r in zip(base_preds, rows, strict=True)) / len(rows)
+    assert probe_acc > 0.5  # a probe on the training rows themselves separates them (chance: 0.25)
+    assert not torch.allclose(head_features(inner, loaded.tokenizer, texts), base_feats)  # LoRA moved the body
+
+
+def test_last_token_features_ignore_padding(tiny_model_dir: Path) -> None:
+    """head_features reads the last real token of each row: a text's features are the same alone and
+    right-padded in a batch with a longer text."""
+    from tinysft.config import ModelConfig
+    from tinysft.models.encoder import head_features, load_encoder
+
+    model, tok, _, _ = load_encoder(ModelConfig(name=str(tiny_model_dir)), LABELS, log=lambda _m: None)
+    short, long = "a short one", "a much longer text that pads the short one in its batch"
+    alone = head_features(model, tok, [short])
+    batched = head_features(model, tok, [short, long])
+    assert torch.allclose(alone[0], batched[0], atol=1e-4)
+    assert not torch.allclose(batched[0], batched[1])

@@ -34,16 +34,16 @@ from tinysft.files import atomic_write_text, mark_output
 from tinysft.models.encoder import (
     HEAD_INIT_FILE,
     EncodedBatch,
-    MeanPoolClassifier,
     choose_target_modules,
     class_logits,
     classifier_model_name,
     collate,
     encode,
     fit_linear_probe,
+    head_features,
     load_encoder,
     max_length_for,
-    sentence_embeddings,
+    probe_head,
 )
 from tinysft.models.identity import base_identity
 from tinysft.models.load import add_lora
@@ -137,16 +137,19 @@ def load_data(cfg: RunConfig) -> tuple[list[LabeledText], list[LabeledText], lis
     return train_rows, eval_rows, labels
 
 
-def init_head_from_probe(model: MeanPoolClassifier, tokenizer, texts: list[str], targets: list[int], *,
+def init_head_from_probe(model: torch.nn.Module, tokenizer, texts: list[str], targets: list[int], *,
                          max_length: int, device: torch.device | str) -> float:
-    """Set ``model.classifier`` to a logistic regression on the frozen embeddings of ``texts``;
-    returns its training accuracy."""
-    features = sentence_embeddings(model, tokenizer, texts, max_length=max_length, device=device)
+    """Set ``probe_head(model)`` to a logistic regression on the frozen features it reads for
+    ``texts`` (a head without bias keeps none); returns the probe's training accuracy."""
+    head = probe_head(model)
+    assert head is not None, "init_head_from_probe needs a model with a probe-able head"
+    features = head_features(model, tokenizer, texts, max_length=max_length, device=device)
     y = torch.tensor(targets)
-    weight, bias = fit_linear_probe(features, y, model.classifier.out_features)
+    weight, bias = fit_linear_probe(features, y, head.out_features, fit_bias=head.bias is not None)
     with torch.no_grad():
-        model.classifier.weight.copy_(weight)
-        model.classifier.bias.copy_(bias)
+        head.weight.copy_(weight)
+        if head.bias is not None:
+            head.bias.copy_(bias)
     return float(((features @ weight.T + bias).argmax(-1) == y).float().mean())
 
 
@@ -191,22 +194,23 @@ def train_classifier(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fals
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     head_file = run_dir / HEAD_INIT_FILE
-    if head_init == "probe" and isinstance(base, MeanPoolClassifier):
+    head_layer = probe_head(base)
+    if head_init == "probe" and head_layer is not None:
         if existing is not None and head_file.is_file():
             from safetensors.torch import load_file
 
-            base.classifier.load_state_dict(load_file(str(head_file)))
+            head_layer.load_state_dict(load_file(str(head_file)))
         else:
             probe_acc = init_head_from_probe(base, tokenizer, [r.text for r in train_rows],
                                              [label_index[r.label] for r in train_rows],
                                              max_length=max_length_for(cfg, base), device=device)
-            say(f"Head initialised as a logistic regression on the frozen embeddings (training accuracy "
+            say(f"Head initialised as a logistic regression on the frozen features it reads (training accuracy "
                 f"{probe_acc:.2f}).")
         if is_main:
             from safetensors.torch import save_file
 
             tmp = head_file.with_suffix(".tmp")
-            save_file({k: v.detach().cpu().contiguous() for k, v in base.classifier.state_dict().items()}, str(tmp))
+            save_file({k: v.detach().cpu().contiguous() for k, v in head_layer.state_dict().items()}, str(tmp))
             tmp.replace(head_file)
     elif is_main and head_file.is_file():
         head_file.unlink()  # a stale probe head from an earlier run in this folder is not this run's base
