@@ -101,14 +101,12 @@ def test_lora_targets_are_chosen_per_architecture(kind: str, expected: list[str]
     assert choose_target_modules(model, ["dense"]) == ["dense"]  # an explicit choice is kept
 
 
-def test_default_model_for_classification_is_the_embedded_encoder() -> None:
-    from tinysft.config import load_config
-    from tinysft.models.encoder import classifier_model_name
-    from tinysft.models.registry import DEFAULT_ENCODER
+def test_a_decoder_is_told_from_an_encoder(tiny_model_dir: Path, tiny_bert_dir: Path) -> None:
+    """is_decoder picks the defaults and the dtype: the default classifier is the embedded causal LM."""
+    from tinysft.models.encoder import is_decoder
 
-    cfg = load_config(None, {"train": {"task": "classify"}})
-    assert classifier_model_name(cfg.model.name) == DEFAULT_ENCODER
-    assert classifier_model_name("/some/local/bert") == "/some/local/bert"
+    assert is_decoder(tiny_model_dir) and not is_decoder(tiny_bert_dir)
+    assert not is_decoder(tiny_bert_dir / "no-such-folder")  # unreadable: load_encoder names the problem
 
 
 @pytest.mark.parametrize(("kind", "expected"), [
@@ -383,15 +381,18 @@ def test_linear_probe_head_is_the_base_and_plain_peft_reloads(tmp_path: Path, ti
 
 def test_classification_defaults_replace_only_the_chat_defaults() -> None:
     from tinysft.config import load_config
-    from tinysft.training.classify import CLASSIFY_EPOCHS, CLASSIFY_LEARNING_RATE, apply_classify_defaults
+    from tinysft.training.classify import DECODER_DEFAULTS, ENCODER_DEFAULTS, apply_classify_defaults
 
-    cfg = load_config(None, {"train": {"task": "classify"}})
-    changes = apply_classify_defaults(cfg)
-    assert cfg.train.learning_rate == CLASSIFY_LEARNING_RATE and cfg.train.epochs == CLASSIFY_EPOCHS
-    assert any(c.startswith("train.learning_rate") for c in changes)
+    for defaults in (DECODER_DEFAULTS, ENCODER_DEFAULTS):
+        cfg = load_config(None, {"train": {"task": "classify"}})
+        changes = apply_classify_defaults(cfg, defaults)
+        assert (cfg.train.learning_rate, cfg.train.epochs, cfg.train.threads, cfg.data.max_length) == \
+            (defaults.learning_rate, defaults.epochs, defaults.threads, defaults.max_length)
+        assert any(c.startswith("train.learning_rate") for c in changes)
+    assert ENCODER_DEFAULTS.epochs != DECODER_DEFAULTS.epochs  # the kinds differ, or one table would do
     mine = load_config(None, {"train": {"task": "classify", "learning_rate": 1e-3, "epochs": 2, "threads": 2},
                               "data": {"max_length": 64}})
-    assert apply_classify_defaults(mine) == []
+    assert apply_classify_defaults(mine, ENCODER_DEFAULTS) == []
     assert (mine.train.learning_rate, mine.train.epochs, mine.data.max_length, mine.train.threads) == (1e-3, 2, 64, 2)
 
 

@@ -1,16 +1,19 @@
 """Encoders for sequence classification: load with a new head, choose LoRA targets, batch, score.
 
 Any Hugging Face model that ``AutoModelForSequenceClassification`` loads works (BERT, DistilBERT,
-RoBERTa, DeBERTa, MiniLM, or a causal LM with a score head); the embedded default is
-all-MiniLM-L6-v2. Training is ``training.classify``; prediction and the report are
-``evaluate.classification``.
+RoBERTa, DeBERTa, MiniLM, or a causal LM with a score head); the default is the embedded causal
+LM, SmolLM2-135M-Instruct, through its own last-token head, which learned real text from 100 rows
+where the embedded all-MiniLM-L6-v2 did not (docs/classification.md). Training is
+``training.classify``; prediction and the report are ``evaluate.classification``.
 
 The head fits the encoder. A sentence-transformers folder (``modules.json`` with a
 ``1_Pooling/config.json`` that asks for mean pooling, as all-MiniLM-L6-v2's does) was trained to be
 read through the mean of its token states, so it gets ``MeanPoolClassifier``: ``AutoModel`` + that
 mean (L2-normalised when the folder's pipeline normalises) + one Linear layer. Any other folder gets
 its own ``AutoModelForSequenceClassification`` head (BERT's pooler + classifier, DistilBERT's
-pre_classifier + classifier, ...), so a checkpoint that already has a head keeps it.
+pre_classifier + classifier, a decoder's ``score`` on its last non-pad token), so a checkpoint
+that already has a head keeps it. Heads that read pretrained features (the mean-pooling classifier,
+a decoder's score) can start from a linear probe (``probe_head``, ``head_features``).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from tinysft.models.load import (
     resolve_dtype,
     resolve_model_path,
 )
-from tinysft.models.registry import DEFAULT_CAUSAL, DEFAULT_ENCODER, ModelError
+from tinysft.models.registry import ModelError
 
 # Attention query / value projections, by their leaf module names, in the order tried. LoRA on
 # query + value is the classic recipe (LoRA paper; seed 002 used q_lin/v_lin on DistilBERT).
@@ -45,11 +48,6 @@ ATTENTION_TARGETS: list[tuple[str, ...]] = [
     ("in_proj",),  # DeBERTa (v1): fused qkv
     ("Wqkv",),  # ModernBERT: fused qkv
 ]
-
-
-def classifier_model_name(name: str) -> str:
-    """The model to classify with: the embedded encoder when the config still names the causal default."""
-    return DEFAULT_ENCODER if name == DEFAULT_CAUSAL else name
 
 
 def choose_target_modules(model: torch.nn.Module, requested: list[str] | str) -> list[str] | str:
@@ -198,7 +196,7 @@ def load_encoder(cfg: ModelConfig, labels: list[str], device: torch.device | str
     if cfg.quantize != "none":
         raise ConfigError("model.quantize is for causal LMs (QLoRA); classification encoders are small enough "
                           "to train in full precision — remove model.quantize.")
-    path = resolve_model_path(classifier_model_name(cfg.name), log=log)
+    path = resolve_model_path(cfg.name, log=log)
     # Encoders are small: keep fp32 weights unless asked (autocast still computes in bf16 where fast).
     # A decoder is the SFT model's size: "auto" means what it means there (bf16 where the CPU / GPU is
     # fast at it), which halves the weights' memory traffic of every pass.
