@@ -264,6 +264,35 @@ def test_embedded_encoder_learns_news_topics(tmp_path: Path) -> None:
     assert m["tuned"]["accuracy"] >= m["base"]["accuracy"] - 0.05
 
 
+@pytest.mark.integration
+def test_the_default_classifier_is_the_embedded_decoder_and_learns(tmp_path: Path) -> None:
+    """No model named: the embedded SmolLM2 through its last-token head, started from the probe; one epoch
+    on 80 news rows reaches high accuracy on 80 held-out rows and does not lose to its probe."""
+    import yaml
+
+    from tinysft.config import LoraConfig, load_config
+    from tinysft.evaluate.classification import evaluate_classifier
+    from tinysft.models.registry import DEFAULT_CAUSAL
+    from tinysft.training import train_classifier
+
+    train_rows = (NEWS / "train.jsonl").read_text().splitlines()
+    val_rows = (NEWS / "val.jsonl").read_text().splitlines()
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(train_rows[i] for i in range(0, len(train_rows), 6)) + "\n")  # 80 rows, all labels
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("\n".join(val_rows[i] for i in range(0, len(val_rows), 3)) + "\n")  # 80 rows
+    cfg = load_config(None, {"data": {"train": [str(train)]}, "train": {"task": "classify", "epochs": 1}})
+    logs: list[str] = []
+    train_classifier(cfg, tmp_path / "run", log=logs.append, show_progress=False)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["model"]["name"] == DEFAULT_CAUSAL and saved["lora"]["target_modules"] == LoraConfig().target_modules
+    assert any("Head initialised as a logistic regression" in m for m in logs)
+    paths = evaluate_classifier(tmp_path / "run", [str(heldout)], tmp_path / "run", log=lambda _m: None)
+    m = json.loads(paths["json"].read_text())["metrics"]
+    assert m["tuned"]["accuracy"] >= 0.85, m["tuned"]["accuracy"]
+    assert m["tuned"]["accuracy"] >= m["base"]["accuracy"] - 0.05
+
+
 def test_an_encoder_in_an_emulated_dtype_warns(monkeypatch, tiny_bert_dir: Path) -> None:
     from tinysft.config import ModelConfig
     from tinysft.models.encoder import load_encoder
