@@ -39,6 +39,9 @@ CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "mean, probe, lr 1e-3, 10 ep": ("mean", "probe", {"train": {"learning_rate": 1e-3, "epochs": 10}}),
     "mean, probe, lr 2e-3, 10 ep": ("mean", "probe", {"train": {"learning_rate": 2e-3, "epochs": 10}}),
     "mean, probe, lr 4e-3, 5 ep": ("mean", "probe", {"train": {"learning_rate": 4e-3, "epochs": 5}}),
+    # The embedded causal LM (SmolLM2-135M-Instruct) through its own last-token score head.
+    "decoder, random, lr 1e-3, 3 ep": ("decoder", "random", {"train": {"learning_rate": 1e-3, "epochs": 3}}),
+    "decoder, probe, lr 1e-3, 3 ep": ("decoder", "probe", {"train": {"learning_rate": 1e-3, "epochs": 3}}),
 }
 
 
@@ -56,7 +59,8 @@ def without_sentence_transformers_files(model_dir: Path, into: Path) -> Path:
 
 
 def frozen_baseline(model_dir: Path, train: list[dict], test: list[dict], labels: list[str]) -> dict[str, Any]:
-    """Logistic regression (scikit-learn defaults, C=1) on the frozen mean-pooled embeddings."""
+    """Logistic regression (scikit-learn defaults, C=1) on the frozen mean-pooled embeddings (normalised
+    where the folder's sentence-transformers pipeline normalises; a decoder's final states as they are)."""
     from sklearn.linear_model import LogisticRegression
 
     from tinysft.evaluate.classification_metrics import classification_metrics
@@ -115,7 +119,7 @@ def main() -> None:
 
     import torch
 
-    from tinysft.models.registry import DEFAULT_ENCODER, ensure_embedded
+    from tinysft.models.registry import DEFAULT_CAUSAL, DEFAULT_ENCODER, ensure_embedded
 
     torch.set_num_threads(args.threads)
     folder = args.data / args.set
@@ -136,9 +140,12 @@ def main() -> None:
         with args.results.open("a", encoding="utf-8") as f:
             f.write(json.dumps(line) + "\n")
 
+    decoder_dir = Path(ensure_embedded(DEFAULT_CAUSAL))
     if not args.no_baseline:
         record("baseline: logistic regression on frozen MiniLM embeddings",
                frozen_baseline(model_dir, train, test, labels))
+        record("baseline: logistic regression on frozen SmolLM2 mean-pooled states",
+               frozen_baseline(decoder_dir, train, test, labels))
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
         cls_dir = without_sentence_transformers_files(model_dir, tmp_path / "minilm-cls-head")
@@ -148,7 +155,7 @@ def main() -> None:
                 {"train": {"learning_rate": 2e-3, "epochs": 5}}, args.threads))
         for name in args.configs or list(CONFIGS):
             pooling, head_init, overrides = CONFIGS[name]
-            model_name = str(cls_dir) if pooling == "model" else DEFAULT_ENCODER
+            model_name = {"model": str(cls_dir), "mean": DEFAULT_ENCODER, "decoder": str(decoder_dir)}[pooling]
             record(name, train_and_score(model_name, folder / "train.jsonl", test, tmp_path / name.replace(" ", "_"),
                                          head_init, overrides, args.threads))
 

@@ -101,14 +101,12 @@ def test_lora_targets_are_chosen_per_architecture(kind: str, expected: list[str]
     assert choose_target_modules(model, ["dense"]) == ["dense"]  # an explicit choice is kept
 
 
-def test_default_model_for_classification_is_the_embedded_encoder() -> None:
-    from tinysft.config import load_config
-    from tinysft.models.encoder import classifier_model_name
-    from tinysft.models.registry import DEFAULT_ENCODER
+def test_a_decoder_is_told_from_an_encoder(tiny_model_dir: Path, tiny_bert_dir: Path) -> None:
+    """is_decoder picks the defaults and the dtype: the default classifier is the embedded causal LM."""
+    from tinysft.models.encoder import is_decoder
 
-    cfg = load_config(None, {"train": {"task": "classify"}})
-    assert classifier_model_name(cfg.model.name) == DEFAULT_ENCODER
-    assert classifier_model_name("/some/local/bert") == "/some/local/bert"
+    assert is_decoder(tiny_model_dir) and not is_decoder(tiny_bert_dir)
+    assert not is_decoder(tiny_bert_dir / "no-such-folder")  # unreadable: load_encoder names the problem
 
 
 @pytest.mark.parametrize(("kind", "expected"), [
@@ -266,6 +264,35 @@ def test_embedded_encoder_learns_news_topics(tmp_path: Path) -> None:
     assert m["tuned"]["accuracy"] >= m["base"]["accuracy"] - 0.05
 
 
+@pytest.mark.integration
+def test_the_default_classifier_is_the_embedded_decoder_and_learns(tmp_path: Path) -> None:
+    """No model named: the embedded SmolLM2 through its last-token head, started from the probe; one epoch
+    on 80 news rows reaches high accuracy on 80 held-out rows and does not lose to its probe."""
+    import yaml
+
+    from tinysft.config import LoraConfig, load_config
+    from tinysft.evaluate.classification import evaluate_classifier
+    from tinysft.models.registry import DEFAULT_CAUSAL
+    from tinysft.training import train_classifier
+
+    train_rows = (NEWS / "train.jsonl").read_text().splitlines()
+    val_rows = (NEWS / "val.jsonl").read_text().splitlines()
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(train_rows[i] for i in range(0, len(train_rows), 6)) + "\n")  # 80 rows, all labels
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("\n".join(val_rows[i] for i in range(0, len(val_rows), 3)) + "\n")  # 80 rows
+    cfg = load_config(None, {"data": {"train": [str(train)]}, "train": {"task": "classify", "epochs": 1}})
+    logs: list[str] = []
+    train_classifier(cfg, tmp_path / "run", log=logs.append, show_progress=False)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["model"]["name"] == DEFAULT_CAUSAL and saved["lora"]["target_modules"] == LoraConfig().target_modules
+    assert any("Head initialised as a logistic regression" in m for m in logs)
+    paths = evaluate_classifier(tmp_path / "run", [str(heldout)], tmp_path / "run", log=lambda _m: None)
+    m = json.loads(paths["json"].read_text())["metrics"]
+    assert m["tuned"]["accuracy"] >= 0.85, m["tuned"]["accuracy"]
+    assert m["tuned"]["accuracy"] >= m["base"]["accuracy"] - 0.05
+
+
 def test_an_encoder_in_an_emulated_dtype_warns(monkeypatch, tiny_bert_dir: Path) -> None:
     from tinysft.config import ModelConfig
     from tinysft.models.encoder import load_encoder
@@ -383,15 +410,18 @@ def test_linear_probe_head_is_the_base_and_plain_peft_reloads(tmp_path: Path, ti
 
 def test_classification_defaults_replace_only_the_chat_defaults() -> None:
     from tinysft.config import load_config
-    from tinysft.training.classify import CLASSIFY_EPOCHS, CLASSIFY_LEARNING_RATE, apply_classify_defaults
+    from tinysft.training.classify import DECODER_DEFAULTS, ENCODER_DEFAULTS, apply_classify_defaults
 
-    cfg = load_config(None, {"train": {"task": "classify"}})
-    changes = apply_classify_defaults(cfg)
-    assert cfg.train.learning_rate == CLASSIFY_LEARNING_RATE and cfg.train.epochs == CLASSIFY_EPOCHS
-    assert any(c.startswith("train.learning_rate") for c in changes)
+    for defaults in (DECODER_DEFAULTS, ENCODER_DEFAULTS):
+        cfg = load_config(None, {"train": {"task": "classify"}})
+        changes = apply_classify_defaults(cfg, defaults)
+        assert (cfg.train.learning_rate, cfg.train.epochs, cfg.train.threads, cfg.data.max_length) == \
+            (defaults.learning_rate, defaults.epochs, defaults.threads, defaults.max_length)
+        assert any(c.startswith("train.learning_rate") for c in changes)
+    assert ENCODER_DEFAULTS.epochs != DECODER_DEFAULTS.epochs  # the kinds differ, or one table would do
     mine = load_config(None, {"train": {"task": "classify", "learning_rate": 1e-3, "epochs": 2, "threads": 2},
                               "data": {"max_length": 64}})
-    assert apply_classify_defaults(mine) == []
+    assert apply_classify_defaults(mine, ENCODER_DEFAULTS) == []
     assert (mine.train.learning_rate, mine.train.epochs, mine.data.max_length, mine.train.threads) == (1e-3, 2, 64, 2)
 
 
@@ -436,3 +466,48 @@ def test_distilbert_trains_lora_on_q_lin_v_lin_and_saves_its_head(tmp_path: Path
     assert any(".q_lin.lora_A" in k for k in keys) and any(".v_lin.lora_B" in k for k in keys)
     assert any("pre_classifier" in k for k in keys) and any(k.endswith("classifier.weight") for k in keys)
     assert not (tmp_path / "run" / "head_init.safetensors").exists()  # its own head: random init, no probe
+
+
+def test_a_decoder_classifies_through_its_score_head_started_from_a_linear_probe(tmp_path: Path,
+                                                                                  tiny_model_dir: Path) -> None:
+    """A causal LM gets its own sequence-classification head (``score``, the last non-pad token's final
+    state); the head starts as a logistic regression on exactly the features it reads (head_init.safetensors,
+    the report's base), so base predictions equal that probe's, and the adapter changes them."""
+    from safetensors.torch import load_file
+
+    from tinysft.evaluate.classification import load_classifier_run, predict_texts
+    from tinysft.models.encoder import head_features, is_decoder, probe_head
+    from tinysft.training import train_classifier
+
+    assert is_decoder(tiny_model_dir)
+    run = tmp_path / "run"
+    train_classifier(tiny_config(tiny_model_dir, [str(NEWS / "unit_test.jsonl")], epochs=2), run,
+                     log=lambda _m: None, show_progress=False)
+    head = load_file(str(run / "head_init.safetensors"))
+    assert set(head) == {"weight"}  # a decoder's score has no bias, and the probe fits none
+    loaded = load_classifier_run(run, log=lambda _m: None)
+    inner = loaded.model.base_model.model
+    assert probe_head(inner) is not None
+    rows = [json.loads(line) for line in (NEWS / "unit_test.jsonl").read_text().splitlines()]
+    texts = [r["text"] for r in rows]
+    with loaded.model.disable_adapter():
+        base_feats = head_features(inner, loaded.tokenizer, texts)
+        base_preds = [p for p, _ in predict_texts(loaded, texts, tuned=False)]
+    assert [LABELS[i] for i in (base_feats @ head["weight"].float().T).argmax(-1)] == base_preds
+    probe_acc = sum(p == r["label"] for p, r in zip(base_preds, rows, strict=True)) / len(rows)
+    assert probe_acc > 0.5  # a probe on the training rows themselves separates them (chance: 0.25)
+    assert not torch.allclose(head_features(inner, loaded.tokenizer, texts), base_feats)  # LoRA moved the body
+
+
+def test_last_token_features_ignore_padding(tiny_model_dir: Path) -> None:
+    """head_features reads the last real token of each row: a text's features are the same alone and
+    right-padded in a batch with a longer text."""
+    from tinysft.config import ModelConfig
+    from tinysft.models.encoder import head_features, load_encoder
+
+    model, tok, _, _ = load_encoder(ModelConfig(name=str(tiny_model_dir)), LABELS, log=lambda _m: None)
+    short, long = "a short one", "a much longer text that pads the short one in its batch"
+    alone = head_features(model, tok, [short])
+    batched = head_features(model, tok, [short, long])
+    assert torch.allclose(alone[0], batched[0], atol=1e-4)
+    assert not torch.allclose(batched[0], batched[1])

@@ -20,7 +20,7 @@ from tinysft.data.formats import LABEL_FORMATS
 from tinysft.data.validate import DataError, Problem, load_labeled, read_rows
 from tinysft.evaluate.classification_metrics import classification_metrics
 from tinysft.evaluate.classification_report import write_classification_report
-from tinysft.models.encoder import HEAD_INIT_FILE, class_logits, load_encoder, max_length_for
+from tinysft.models.encoder import HEAD_INIT_FILE, class_logits, load_encoder, max_length_for, probe_head
 from tinysft.models.identity import check_same_base
 from tinysft.models.load import granted_permissions, load_run_config
 from tinysft.models.registry import ModelError
@@ -65,11 +65,12 @@ def load_classifier_run(run_dir: str | Path, device: torch.device | str | None =
     # The base the adapter was trained on (manifest "base"), unless the user said otherwise.
     check_same_base(run_dir, cfg.model.name, base, allow_other_base=granted_permissions().allow_other_base, log=log)
     head_init = run_dir / HEAD_INIT_FILE
-    if head_init.is_file() and hasattr(base, "classifier"):
+    head_layer = probe_head(base)
+    if head_init.is_file() and head_layer is not None:
         from safetensors.torch import load_file
 
         try:
-            base.classifier.load_state_dict(load_file(str(head_init)))
+            head_layer.load_state_dict(load_file(str(head_init)))
         except Exception as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
             raise ModelError(f"{head_init}: does not fit the head of {cfg.model.name} ({first}); delete it to "

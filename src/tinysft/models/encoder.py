@@ -1,16 +1,19 @@
 """Encoders for sequence classification: load with a new head, choose LoRA targets, batch, score.
 
 Any Hugging Face model that ``AutoModelForSequenceClassification`` loads works (BERT, DistilBERT,
-RoBERTa, DeBERTa, MiniLM, or a causal LM with a score head); the embedded default is
-all-MiniLM-L6-v2. Training is ``training.classify``; prediction and the report are
-``evaluate.classification``.
+RoBERTa, DeBERTa, MiniLM, or a causal LM with a score head); the default is the embedded causal
+LM, SmolLM2-135M-Instruct, through its own last-token head, which learned real text from 100 rows
+where the embedded all-MiniLM-L6-v2 did not (docs/classification.md). Training is
+``training.classify``; prediction and the report are ``evaluate.classification``.
 
 The head fits the encoder. A sentence-transformers folder (``modules.json`` with a
 ``1_Pooling/config.json`` that asks for mean pooling, as all-MiniLM-L6-v2's does) was trained to be
 read through the mean of its token states, so it gets ``MeanPoolClassifier``: ``AutoModel`` + that
 mean (L2-normalised when the folder's pipeline normalises) + one Linear layer. Any other folder gets
 its own ``AutoModelForSequenceClassification`` head (BERT's pooler + classifier, DistilBERT's
-pre_classifier + classifier, ...), so a checkpoint that already has a head keeps it.
+pre_classifier + classifier, a decoder's ``score`` on its last non-pad token), so a checkpoint
+that already has a head keeps it. Heads that read pretrained features (the mean-pooling classifier,
+a decoder's score) can start from a linear probe (``probe_head``, ``head_features``).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from tinysft.models.load import (
     resolve_dtype,
     resolve_model_path,
 )
-from tinysft.models.registry import DEFAULT_CAUSAL, DEFAULT_ENCODER, ModelError
+from tinysft.models.registry import ModelError
 
 # Attention query / value projections, by their leaf module names, in the order tried. LoRA on
 # query + value is the classic recipe (LoRA paper; seed 002 used q_lin/v_lin on DistilBERT).
@@ -45,11 +48,6 @@ ATTENTION_TARGETS: list[tuple[str, ...]] = [
     ("in_proj",),  # DeBERTa (v1): fused qkv
     ("Wqkv",),  # ModernBERT: fused qkv
 ]
-
-
-def classifier_model_name(name: str) -> str:
-    """The model to classify with: the embedded encoder when the config still names the causal default."""
-    return DEFAULT_ENCODER if name == DEFAULT_CAUSAL else name
 
 
 def choose_target_modules(model: torch.nn.Module, requested: list[str] | str) -> list[str] | str:
@@ -85,6 +83,18 @@ def new_head_modules(model: torch.nn.Module, missing_keys: Iterable[str]) -> lis
             taken.append(name)
             out.append(name.rsplit(".", 1)[-1])  # PEFT matches modules_to_save by the last name part
     return out
+
+
+def is_decoder(path: str | Path) -> bool:
+    """Whether the model at ``path`` (folder or hub id) is a causal LM (its config's architectures
+    name a ...ForCausalLM); such a model classifies through its own last-token ``score`` head."""
+    from transformers import AutoConfig
+
+    try:
+        archs = AutoConfig.from_pretrained(str(path)).architectures or []
+    except Exception:  # unreadable config: load_encoder's own error names the problem
+        return False
+    return any(a.endswith("ForCausalLM") for a in archs)
 
 
 Pooling = Literal["mean", "model"]
@@ -186,9 +196,14 @@ def load_encoder(cfg: ModelConfig, labels: list[str], device: torch.device | str
     if cfg.quantize != "none":
         raise ConfigError("model.quantize is for causal LMs (QLoRA); classification encoders are small enough "
                           "to train in full precision — remove model.quantize.")
-    path = resolve_model_path(classifier_model_name(cfg.name), log=log)
+    path = resolve_model_path(cfg.name, log=log)
     # Encoders are small: keep fp32 weights unless asked (autocast still computes in bf16 where fast).
-    dtype = torch.float32 if cfg.dtype == "auto" else resolve_dtype(cfg.dtype, device)
+    # A decoder is the SFT model's size: "auto" means what it means there (bf16 where the CPU / GPU is
+    # fast at it), which halves the weights' memory traffic of every pass.
+    if cfg.dtype != "auto":
+        dtype = resolve_dtype(cfg.dtype, device)
+    else:
+        dtype = resolve_dtype("auto", device) if is_decoder(path) else torch.float32
     if emulated_on_cpu(dtype, device):
         log(emulated_warning(dtype, f"model.dtype={cfg.dtype}"))
     pooling, normalise = sentence_pooling(path)
@@ -289,8 +304,58 @@ def sentence_embeddings(model: MeanPoolClassifier, tokenizer: Any, texts: list[s
     return out
 
 
+def probe_head(model: Any) -> torch.nn.Linear | None:
+    """The head layer a linear probe can start, or None.
+
+    A mean-pooling classifier's ``classifier`` reads the sentence embedding; a decoder's ``score``
+    (Llama, Qwen2, ... ForSequenceClassification) reads the last non-pad token's final hidden state.
+    Both read features the pretrained body already makes, so a logistic regression on them is a
+    sensible start. Heads behind untrained layers (DistilBERT's pre_classifier, a never-trained BERT
+    pooler) get None: a probe on random features would mean nothing.
+    """
+    if isinstance(model, MeanPoolClassifier):
+        return model.classifier
+    score = getattr(model, "score", None)
+    score = getattr(score, "original_module", score)  # under PEFT: the layer the trained copy was made from
+    return score if isinstance(score, torch.nn.Linear) else None
+
+
+@torch.no_grad()
+def head_features(model: Any, tokenizer: Any, texts: list[str], *, max_length: int = 512, batch_size: int = 32,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """What ``probe_head(model)`` reads for each text, (N, H) float32, in the order of ``texts``:
+    the sentence embedding of a MeanPoolClassifier, or the final hidden state at a decoder's last
+    non-pad token (the position its sequence-classification head pools; batches are right-padded)."""
+    if isinstance(model, MeanPoolClassifier):
+        return sentence_embeddings(model, tokenizer, texts, max_length=max_length, batch_size=batch_size, device=device)
+    head = probe_head(model)
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no head a linear probe can start")
+    seen: list[torch.Tensor] = []
+    hook = model.score.register_forward_pre_hook(  # under PEFT the wrapper: it runs whichever copy is active
+        lambda _module, args: seen.append(args[0]))
+    was_training = model.training
+    model.eval()
+    ids, _ = encode(tokenizer, texts, max_length)
+    out = torch.zeros((len(ids), head.in_features))
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    try:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            b = collate([ids[i] for i in chunk], [0] * len(chunk), tokenizer.pad_token_id).to(device)
+            seen.clear()
+            model(input_ids=b.input_ids, attention_mask=b.attention_mask)
+            states = seen[0]  # (B, T, H): the head runs on every position, the model then picks the last
+            last = b.attention_mask.sum(1) - 1
+            out[chunk] = states[torch.arange(len(chunk), device=states.device), last].float().cpu()
+    finally:
+        hook.remove()
+        model.train(was_training)
+    return out
+
+
 def fit_linear_probe(features: torch.Tensor, targets: torch.Tensor, num_labels: int, *,
-                     c: float = 1.0, steps: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+                     c: float = 1.0, steps: int = 100, fit_bias: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Multinomial logistic regression on frozen features (N, H) -> (weight (K, H), bias (K,)).
 
     The objective is scikit-learn's ``LogisticRegression(C=c)``: summed cross-entropy + ||W||^2 / 2
@@ -301,8 +366,8 @@ def fit_linear_probe(features: torch.Tensor, targets: torch.Tensor, num_labels: 
     """
     x, y = features.float(), targets.long()
     weight = torch.zeros((num_labels, x.shape[1]), requires_grad=True)
-    bias = torch.zeros(num_labels, requires_grad=True)
-    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
+    bias = torch.zeros(num_labels, requires_grad=fit_bias)  # a head without bias (a decoder's score) keeps 0
+    opt = torch.optim.LBFGS([weight, bias] if fit_bias else [weight], lr=1.0, max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
         opt.zero_grad()

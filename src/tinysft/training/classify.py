@@ -20,6 +20,7 @@ import json
 import math
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -34,19 +35,19 @@ from tinysft.files import atomic_write_text, mark_output
 from tinysft.models.encoder import (
     HEAD_INIT_FILE,
     EncodedBatch,
-    MeanPoolClassifier,
     choose_target_modules,
     class_logits,
-    classifier_model_name,
     collate,
     encode,
     fit_linear_probe,
+    head_features,
+    is_decoder,
     load_encoder,
     max_length_for,
-    sentence_embeddings,
+    probe_head,
 )
 from tinysft.models.identity import base_identity
-from tinysft.models.load import add_lora
+from tinysft.models.load import add_lora, resolve_model_path
 from tinysft.training.checkpoints import load_adapter_weights, resume_point, write_manifest
 from tinysft.training.loop import (
     StepPlan,
@@ -59,32 +60,43 @@ from tinysft.training.loop import (
     schedule_steps,
 )
 
-# Classification defaults, used where the config still holds the SFT default of the same field.
-# Chosen by benchmarks/classify_sweep.py on two public sets (docs/classification.md has the table).
-CLASSIFY_LEARNING_RATE = 1e-3
-CLASSIFY_EPOCHS = 10.0
-CLASSIFY_MAX_LENGTH = 256
-# One torch thread: a step's matmuls (8 rows of ~30 tokens through a 384-wide encoder) are too small to
-# split, and on a busy 2-core CPU two threads mostly wait on each other (docs/classification.md).
-CLASSIFY_THREADS = 1
+
+# Classification defaults, per kind of model, used where the config still holds the SFT default of
+# the same field. Chosen by benchmarks/classify_sweep.py on two public sets (docs/classification.md).
+@dataclass(frozen=True)
+class ClassifyDefaults:
+    learning_rate: float
+    epochs: float
+    max_length: int
+    threads: int  # 0 = torch's default (all cores)
+
+
+# A decoder (the embedded SmolLM2, the default): its own last-token head; three epochs of 100 rows
+# already fit the training set. Both cores: its matmuls (576-wide, 30 layers) are large enough to split.
+DECODER_DEFAULTS = ClassifyDefaults(learning_rate=1e-3, epochs=3.0, max_length=256, threads=0)
+# An encoder (MiniLM, BERT, ...): ten epochs at the same rate; one torch thread, since a step's
+# matmuls (8 rows of ~30 tokens through a 384-wide encoder) are too small to split.
+ENCODER_DEFAULTS = ClassifyDefaults(learning_rate=1e-3, epochs=10.0, max_length=256, threads=1)
+CLASSIFY_LEARNING_RATE = DECODER_DEFAULTS.learning_rate
 HeadInit = Literal["probe", "random"]
-# "probe": the head starts as a logistic regression on the frozen sentence embeddings of the
-# training rows (mean-pooling encoders only); "random": the layer's own random init.
+# "probe": the head starts as a logistic regression on the frozen features it reads for the training
+# rows (mean-pooling encoders and decoders' score heads; models.encoder.probe_head); "random": the
+# layer's own random init.
 CLASSIFY_HEAD_INIT: HeadInit = "probe"
 
 
-def apply_classify_defaults(cfg: RunConfig) -> list[str]:
-    """Replace fields still at the (SFT) config defaults with the classification defaults, in place.
+def apply_classify_defaults(cfg: RunConfig, defaults: ClassifyDefaults = DECODER_DEFAULTS) -> list[str]:
+    """Replace fields still at the (SFT) config defaults with ``defaults``, in place.
 
     Returns "field: old -> new" for each change, to log. A value the user set equal to the SFT
     default is indistinguishable from an unset one, so it is replaced too (the log says so).
     """
     changes = []
     for section, name, sft_default, value in (
-            (cfg.train, "learning_rate", TrainConfig().learning_rate, CLASSIFY_LEARNING_RATE),
-            (cfg.train, "epochs", TrainConfig().epochs, CLASSIFY_EPOCHS),
-            (cfg.data, "max_length", DataConfig().max_length, CLASSIFY_MAX_LENGTH),
-            (cfg.train, "threads", TrainConfig().threads, CLASSIFY_THREADS)):
+            (cfg.train, "learning_rate", TrainConfig().learning_rate, defaults.learning_rate),
+            (cfg.train, "epochs", TrainConfig().epochs, defaults.epochs),
+            (cfg.data, "max_length", DataConfig().max_length, defaults.max_length),
+            (cfg.train, "threads", TrainConfig().threads, defaults.threads)):
         if getattr(section, name) == sft_default and value != sft_default:
             setattr(section, name, value)
             prefix = "train" if isinstance(section, TrainConfig) else "data"
@@ -137,16 +149,25 @@ def load_data(cfg: RunConfig) -> tuple[list[LabeledText], list[LabeledText], lis
     return train_rows, eval_rows, labels
 
 
-def init_head_from_probe(model: MeanPoolClassifier, tokenizer, texts: list[str], targets: list[int], *,
+def init_head_from_probe(model: torch.nn.Module, tokenizer, texts: list[str], targets: list[int], *,
                          max_length: int, device: torch.device | str) -> float:
-    """Set ``model.classifier`` to a logistic regression on the frozen embeddings of ``texts``;
-    returns its training accuracy."""
-    features = sentence_embeddings(model, tokenizer, texts, max_length=max_length, device=device)
+    """Set ``probe_head(model)`` to a logistic regression on the frozen features it reads for
+    ``texts`` (a head without bias keeps none); returns the probe's training accuracy."""
+    head = probe_head(model)
+    assert head is not None, "init_head_from_probe needs a model with a probe-able head"
+    features = head_features(model, tokenizer, texts, max_length=max_length, device=device)
     y = torch.tensor(targets)
-    weight, bias = fit_linear_probe(features, y, model.classifier.out_features)
+    # Fit on features scaled to unit mean norm, then fold the scale into the weight: the penalty then
+    # means the same for a decoder's raw final states (norms in the tens) as for a normalised sentence
+    # embedding. Unscaled, 100 rows of 576-wide decoder states are separated with near-zero loss, and
+    # a head that confident passes LoRA almost no gradient: fine-tuning stays at the probe.
+    scale = float(features.norm(dim=-1).mean().clamp(min=1e-6))
+    weight, bias = fit_linear_probe(features / scale, y, head.out_features, fit_bias=head.bias is not None)
+    weight = weight / scale
     with torch.no_grad():
-        model.classifier.weight.copy_(weight)
-        model.classifier.bias.copy_(bias)
+        head.weight.copy_(weight)
+        if head.bias is not None:
+            head.bias.copy_(bias)
     return float(((features @ weight.T + bias).argmax(-1) == y).float().mean())
 
 
@@ -157,14 +178,15 @@ def train_classifier(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fals
 
     Resuming, refusing a finished or changed run, and ``stop_after_steps`` work as in
     ``training.sft.train``: the same loop (``loop.fit``) and checkpoints. ``head_init``: see
-    CLASSIFY_HEAD_INIT ("probe" applies to mean-pooling encoders; others keep their random head).
+    CLASSIFY_HEAD_INIT ("probe" applies to mean-pooling encoders and decoders; others keep their random head).
     A run whose loss ends at chance level logs a warning with the likely fix. ``classify_defaults``
     False keeps ``cfg`` exactly as given (the sweep uses it to run the chat defaults).
     """
     run_dir = Path(run_dir)
     cfg = copy.deepcopy(cfg)  # resolved below (model, labels, targets) and saved with the run
-    cfg.model.name = classifier_model_name(cfg.model.name)
-    defaulted = apply_classify_defaults(cfg) if classify_defaults else []
+    decoder = is_decoder(resolve_model_path(cfg.model.name, log=log))
+    defaulted = apply_classify_defaults(cfg, DECODER_DEFAULTS if decoder else ENCODER_DEFAULTS) \
+        if classify_defaults else []
     accelerator = make_accelerator(cfg, run_dir)
     device, is_main = accelerator.device, accelerator.is_main_process
     say = log if is_main else (lambda _msg: None)
@@ -191,22 +213,23 @@ def train_classifier(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fals
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     head_file = run_dir / HEAD_INIT_FILE
-    if head_init == "probe" and isinstance(base, MeanPoolClassifier):
+    head_layer = probe_head(base)
+    if head_init == "probe" and head_layer is not None:
         if existing is not None and head_file.is_file():
             from safetensors.torch import load_file
 
-            base.classifier.load_state_dict(load_file(str(head_file)))
+            head_layer.load_state_dict(load_file(str(head_file)))
         else:
             probe_acc = init_head_from_probe(base, tokenizer, [r.text for r in train_rows],
                                              [label_index[r.label] for r in train_rows],
                                              max_length=max_length_for(cfg, base), device=device)
-            say(f"Head initialised as a logistic regression on the frozen embeddings (training accuracy "
+            say(f"Head initialised as a logistic regression on the frozen features it reads (training accuracy "
                 f"{probe_acc:.2f}).")
         if is_main:
             from safetensors.torch import save_file
 
             tmp = head_file.with_suffix(".tmp")
-            save_file({k: v.detach().cpu().contiguous() for k, v in base.classifier.state_dict().items()}, str(tmp))
+            save_file({k: v.detach().cpu().contiguous() for k, v in head_layer.state_dict().items()}, str(tmp))
             tmp.replace(head_file)
     elif is_main and head_file.is_file():
         head_file.unlink()  # a stale probe head from an earlier run in this folder is not this run's base
