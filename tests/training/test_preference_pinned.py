@@ -34,6 +34,37 @@ def test_rejected_answers_are_none_one_or_a_list() -> None:
     assert rejected_conversations(chat("Run kill.")) == []
 
 
+def test_rejected_conversations_replace_the_last_answer_and_keep_the_rows_identity() -> None:
+    conv = Conversation([{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
+                         {"role": "assistant", "content": "Hello."}], "p.jsonl:7", "prompt-response", "greeting",
+                        extra={"rejected": ["Go away.", "What?"]})
+    got = rejected_conversations(conv)
+    assert [c.messages for c in got] == [[*conv.messages[:2], {"role": "assistant", "content": a}]
+                                         for a in ("Go away.", "What?")]
+    assert all((c.source, c.format, c.category) == ("p.jsonl:7", "prompt-response", "greeting") for c in got)
+
+
+def test_pairs_are_rendered_with_the_runs_length_limit_and_system_prompt(tokenizer) -> None:
+    conv = chat("Run kill with the process id, then check that it stopped. " * 4, rejected="I can't help. " * 6)
+    rejected = rejected_conversations(conv)[0]
+    full = render(conv, tokenizer, None, "Be brief.")
+    limit = full.last_answer()[0] + 5
+    (chosen, other), = preference_pairs([conv], tokenizer, limit, "Be brief.")
+    assert chosen == render(conv, tokenizer, limit, "Be brief.") and chosen.truncated
+    assert other == render(rejected, tokenizer, limit, "Be brief.") and other.truncated
+    assert len(chosen.input_ids) == len(other.input_ids) == limit
+    assert chosen.input_ids[: full.last_answer()[0]] == full.input_ids[: full.last_answer()[0]]
+
+
+def test_one_answer_token_keeps_one_trained_token_on_each_side(tokenizer) -> None:
+    conv = chat("Run kill with the process id.", rejected="I can't help with that.")
+    (chosen, rejected), = preference_pairs([conv], tokenizer, 512, None, answer_tokens=1)
+    full_chosen, full_rejected = preference_pairs([conv], tokenizer, 512, None)[0]
+    assert sum(chosen.loss_mask) == sum(rejected.loss_mask) == 1
+    assert chosen.input_ids == full_chosen.input_ids[: full_chosen.last_answer()[0] + 1]
+    assert rejected.input_ids == full_rejected.input_ids[: full_rejected.last_answer()[0] + 1]
+
+
 def test_answer_prefix_keeps_the_rows_source_and_truncation_flag() -> None:
     row = Rendered([1, 2, 3, 4, 5, 6, 7], [0, 0, 1, 0, 1, 1, 1], "p.jsonl:9", True)
     short = answer_prefix(row, 2)
