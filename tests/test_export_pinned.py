@@ -25,7 +25,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-import tinysft.export as export
+import tinysft.export.gguf_export as export_gguf_module
+import tinysft.export.merge as export_merge
 from conftest import CHAT_ROWS
 from tinysft.config import load_config, parse_overrides
 from tinysft.export import (
@@ -40,7 +41,7 @@ from tinysft.export import (
     sample_prompt_ids,
     write_gguf,
 )
-from tinysft.generation import greedy_continuation
+from tinysft.generation import greedy_continuations
 
 SYSTEM = "Answer in one line."
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -146,14 +147,14 @@ def test_merge_check_refuses_logits_past_its_tolerance_and_only_those(fake_run: 
     largest = max(float(r.abs().max()) for r in base_and_tuned_logits(fake_run)[1])
     k = scale / largest
     tol = MERGE_RTOL["float32"] * max(1.0, scale)
-    monkeypatch.setattr(export, "prompt_logits", Logits(at=1, delta=1.5 * tol, scale=k))
+    monkeypatch.setattr(export_merge, "prompt_logits", Logits(at=1, delta=1.5 * tol, scale=k))
     with pytest.raises(ExportError) as e:
         merged_model(fake_run, log=quiet)
     diff = float(str(e.value).split(" by ")[1].split(" ")[0])
     assert diff == pytest.approx(1.5 * tol, rel=2e-3)
     assert str(e.value) == (f"{fake_run}: merged logits differ from base + adapter by {diff:.3g} (tolerance {tol:.3g}); "
                             "nothing written. This is a bug — please report it with the run's config.")
-    monkeypatch.setattr(export, "prompt_logits", Logits(at=1, delta=0.5 * tol, scale=k))
+    monkeypatch.setattr(export_merge, "prompt_logits", Logits(at=1, delta=0.5 * tol, scale=k))
     m = merged_model(fake_run, log=quiet)
     assert m.max_logit_diff == pytest.approx(0.5 * tol, rel=2e-3)  # the worst prompt (the 4th), not the first
     assert m.max_abs_logit == pytest.approx(scale, rel=1e-5)
@@ -161,15 +162,13 @@ def test_merge_check_refuses_logits_past_its_tolerance_and_only_those(fake_run: 
 
 def test_merge_check_refuses_nan_logits(fake_run: Path, monkeypatch) -> None:
     # On the first prompt: Python's max() drops a NaN that comes after a number (docs/mutation.md).
-    monkeypatch.setattr(export, "prompt_logits", Logits(at=1, delta=float("nan"), prompt=0))
+    monkeypatch.setattr(export_merge, "prompt_logits", Logits(at=1, delta=float("nan"), prompt=0))
     with pytest.raises(ExportError, match=r"merged logits differ from base \+ adapter by nan"):
         merged_model(fake_run, log=quiet)
 
 
-@pytest.mark.xfail(strict=True, reason="export._max_diff takes Python's max(), which keeps a number over a later "
-                   "NaN: NaN logits on any prompt but the first pass the check (docs/mutation.md)")
 def test_merge_check_refuses_nan_logits_on_a_later_prompt(fake_run: Path, monkeypatch) -> None:
-    monkeypatch.setattr(export, "prompt_logits", Logits(at=1, delta=float("nan"), prompt=3))
+    monkeypatch.setattr(export_merge, "prompt_logits", Logits(at=1, delta=float("nan"), prompt=3))
     with pytest.raises(ExportError, match=r"merged logits differ from base \+ adapter by nan"):
         merged_model(fake_run, log=quiet)
 
@@ -255,7 +254,7 @@ def test_merge_run_refuses_a_saved_folder_past_its_tolerance_and_writes_nothing(
     largest = max(float(r.abs().max()) for r in base_and_tuned_logits(fake_run)[1])
     tol = MERGE_RTOL["float32"] * max(1.0, scale)
     # Calls: the reference, the merged model in memory, the reloaded folder.
-    monkeypatch.setattr(export, "prompt_logits", Logits(at=2, delta=1.5 * tol, scale=scale / largest))
+    monkeypatch.setattr(export_merge, "prompt_logits", Logits(at=2, delta=1.5 * tol, scale=scale / largest))
     out = tmp_path / "merged"
     with pytest.raises(ExportError) as e:
         merge_run(fake_run, out, log=quiet)
@@ -264,7 +263,7 @@ def test_merge_run_refuses_a_saved_folder_past_its_tolerance_and_writes_nothing(
     assert str(e.value) == (f"{out}: the saved model's logits differ from base + adapter by {diff:.3g} (tolerance "
                             f"{tol:.3g} for float32); nothing written. Try --dtype float32.")
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == []
-    monkeypatch.setattr(export, "prompt_logits", Logits(at=2, delta=0.5 * tol, scale=scale / largest))
+    monkeypatch.setattr(export_merge, "prompt_logits", Logits(at=2, delta=0.5 * tol, scale=scale / largest))
     report = merge_run(fake_run, out, log=quiet)
     assert report.max_logit_diff == pytest.approx(0.5 * tol, rel=2e-3) and report.tolerance == pytest.approx(tol)
 
@@ -281,7 +280,8 @@ def test_an_f32_gguf_is_exact_and_every_greedy_token_agrees(fake_run: Path, tmp_
     said: list[str] = []
     report = export_gguf(fake_run, out, gguf_type="f32", new_tokens=5, log=said.append)
     assert said == ["Writing f32 GGUF...", "Verifying: reading it back with transformers' GGUF reader...",
-                    "Comparing greedy continuations (5 tokens) on 6 prompts..."]
+                    "Comparing greedy continuations (5 tokens) on 6 prompts, one batch per model: the merged model "
+                    "(1/2)...", "... and the GGUF read back (2/2)."]
     assert GGUFReader(str(out)).fields["general.name"].contents() == f"{fake_run.parent / 'base'} + run"
     assert (report.out, report.type, report.size_bytes) == (out, "f32", out.stat().st_size)
     assert report.max_weight_error == 0.0  # f32 stores the merged weights as they are
@@ -319,7 +319,7 @@ class Perturbed:
 def test_gguf_weight_check_names_the_worst_tensor_past_the_formats_rounding(fake_run: Path, tmp_path: Path,
                                                                             monkeypatch, gguf_type: str) -> None:
     rtol = GGUF_WEIGHT_RTOL[gguf_type]
-    monkeypatch.setattr(export, "write_gguf", Perturbed({"model.layers.0.mlp.up_proj.weight": 3 * rtol,
+    monkeypatch.setattr(export_gguf_module, "write_gguf", Perturbed({"model.layers.0.mlp.up_proj.weight": 3 * rtol,
                                                          "model.layers.1.self_attn.k_proj.weight": 9 * rtol,
                                                          "model.layers.1.mlp.down_proj.weight": 5 * rtol}))
     out = tmp_path / "m.gguf"
@@ -331,41 +331,43 @@ def test_gguf_weight_check_names_the_worst_tensor_past_the_formats_rounding(fake
                             f"{worst:.3g} of its range (more than {gguf_type} rounding); nothing written. This is a bug.")
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == []
     if gguf_type == "f16":  # (f32's bound, 1e-7, is below float32's own resolution of a value)
-        monkeypatch.setattr(export, "write_gguf", Perturbed({"model.layers.1.self_attn.k_proj.weight": 0.6 * rtol}))
+        monkeypatch.setattr(export_gguf_module, "write_gguf", Perturbed({"model.layers.1.self_attn.k_proj.weight": 0.6 * rtol}))
         report = export_gguf(fake_run, out, gguf_type=gguf_type, log=quiet)
         assert 0.6 * rtol <= report.max_weight_error <= rtol
 
 
 class Greedy:
-    """``export.greedy_continuation`` where the GGUF model's (every second call) continuation of
-    prompt i diverges at token ``cut[i]`` and its prompt logits move by ``moved[i]``."""
+    """``greedy_continuations`` where the GGUF model's (the second call) continuation of prompt i
+    diverges at token ``cut[i]`` and its prompt logits move by ``moved[i]``."""
 
     def __init__(self, cut: list[int], moved: list[float]) -> None:
         self.cut, self.moved, self.calls = cut, moved, 0
 
-    def __call__(self, model, prompt, n):
-        logits, tokens = greedy_continuation(model, prompt, n)
-        i, gguf = divmod(self.calls, 2)
+    def __call__(self, model, prompts, n):
+        results = greedy_continuations(model, prompts, n)
         self.calls += 1
-        if not gguf:
-            return logits, tokens
-        tokens = list(tokens)
-        if self.cut[i] < n:
-            tokens[self.cut[i]] += 1
-        logits = logits.clone()
-        logits[0, 0] += self.moved[i]
-        return logits, tokens
+        if self.calls == 1:  # the merged model: as it is
+            return results
+        out = []
+        for i, (logits, tokens) in enumerate(results):
+            tokens = list(tokens)
+            if self.cut[i] < n:
+                tokens[self.cut[i]] += 1
+            logits = logits.clone()
+            logits[0, 0] += self.moved[i]
+            out.append((logits, tokens))
+        return out
 
 
 def test_gguf_greedy_agreement_counts_tokens_before_the_first_divergence(fake_run: Path, tmp_path: Path,
                                                                          monkeypatch) -> None:
     cut = [0, 1, 4, 2, 4, 3]  # 14 of 24 tokens agree; prompts 3 and 5 are identical
-    monkeypatch.setattr(export, "greedy_continuation", Greedy(cut, [0.0, 0.25, 0.0, 0.75, 0.5, 0.0]))
+    monkeypatch.setattr(export_gguf_module, "greedy_continuations", Greedy(cut, [0.0, 0.25, 0.0, 0.75, 0.5, 0.0]))
     out = tmp_path / "m.gguf"
     report = export_gguf(fake_run, out, gguf_type="f32", new_tokens=4, min_agreement=14 / 24, log=quiet)
     assert report.token_agreement == 14 / 24 and report.identical == 2
     assert report.max_logit_diff == pytest.approx(0.75, abs=1e-4)  # the worst prompt, not the last
-    monkeypatch.setattr(export, "greedy_continuation", Greedy(cut, [0.0] * 6))
+    monkeypatch.setattr(export_gguf_module, "greedy_continuations", Greedy(cut, [0.0] * 6))
     with pytest.raises(ExportError) as e:
         export_gguf(fake_run, out, gguf_type="f32", new_tokens=4, min_agreement=0.6, force=True, log=quiet)
     assert str(e.value) == (f"{out}: greedy outputs of the GGUF agree with the merged model on only 58% of tokens "

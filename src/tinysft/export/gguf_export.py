@@ -107,7 +107,8 @@ def export_gguf(run_dir: str | Path, out_file: str | Path, *, gguf_type: GgufTyp
         exported = greedy_continuations(g_model, m.prompts, new_tokens)
         logit_diff, agree, identical = 0.0, 0, 0
         for (ref_logits, ref_tokens), (g_logits, g_tokens) in zip(reference, exported, strict=True):
-            logit_diff = max(logit_diff, float((ref_logits - g_logits).abs().max()))
+            diff = float((ref_logits - g_logits).abs().max())
+            logit_diff = diff if diff != diff else max(logit_diff, diff)  # a NaN stays NaN (max() would drop it)
             same = _common_prefix(ref_tokens, g_tokens)
             agree += same
             identical += same == new_tokens

@@ -91,7 +91,9 @@ def prompt_logits(model: Any, prompts: list[list[int]]) -> list[torch.Tensor]:
 
 
 def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
+    """The largest |a - b| over all prompts; NaN if any prompt has one (Python's ``max`` would keep an
+    earlier number over a later NaN, and NaN logits would pass the check)."""
+    return float(torch.stack([(x - y).abs().max() for x, y in zip(a, b, strict=True)]).max())
 
 
 def merged_model(run_dir: str | Path, log: Callable[[str], None] = print) -> _Merged:
