@@ -133,9 +133,9 @@ def test_taxonomy_jsonl_matches_its_generator(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_factual_answers_state_the_answer_right_after_a_short_opener() -> None:
-    """Factual and polite training answers open with at most a 3-word polite phrase, and the sentence
-    after it carries the answer (issue 34: an opener must not crowd the answer out of the first tokens).
-    Checked as: the second sentence shares a content word with the question."""
+    """Factual training answers (train.jsonl, seed.jsonl) open with at most a 3-word polite phrase, and
+    the sentence after it carries the answer (issue 34: an opener must not crowd the answer out of the
+    first tokens). Checked as: the second sentence shares a content word with the question."""
     convs = load_conversations([HELPER / "train.jsonl", HELPER / "seed.jsonl"])
     stop = {"what", "which", "who", "how", "many", "is", "the", "a", "an", "of", "in", "does", "do", "are", "did",
             "when", "please", "could", "you", "me", "tell", "explain", "would", "kindly", "for", "to", "my", "can"}
