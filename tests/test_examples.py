@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -146,3 +147,15 @@ def test_factual_answers_state_the_answer_right_after_a_short_opener() -> None:
         assert len(opener.split()) <= 3, opener
         asked = set(_words(c.messages[0]["content"])) - stop
         assert asked & set(_words(rest.split(". ")[0])), (c.messages[0]["content"], rest)
+
+
+def test_demo_recipe_trains_on_the_taxonomy_and_no_heldout_file() -> None:
+    """config.yaml (the `make demo` recipe) trains on taxonomy.jsonl, and only on files the disjointness
+    test above checks; no held-out file is among them."""
+    from tinysft.config import load_config
+
+    cfg = load_config(HELPER / "config.yaml")
+    names = [Path(f).name for f in cfg.data.train]
+    assert "taxonomy.jsonl" in names
+    assert set(names) <= set(TRAIN_FILES) and not set(names) & set(HELDOUT_FILES)
+    assert cfg.data.category_weights["refusal"] > 0 and cfg.data.category_weights["lookalike"] > 0
