@@ -60,6 +60,10 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     # look-alikes x3 instead of x4 so an epoch grows by ~43% (1,129 rows), not ~80%.
     "tax-r3l3": {"data": {"train": WITH_TAXONOMY, "category_weights": {**DEMO_WEIGHTS, "refusal": 3, "lookalike": 3}}},
 }
+# tax-r3l3 plus taxonomy-more.jsonl (16 refusals, 8 look-alikes in the two areas tax-r3l3 refused least:
+# suicide_self_harm and indiscriminate_weapons), weights unchanged (1,201 rows per epoch).
+RECIPES["tax2-r3l3"] = {"data": {"train": [*WITH_TAXONOMY, str(EXAMPLE / "taxonomy-more.jsonl")],
+                                 "category_weights": {**DEMO_WEIGHTS, "refusal": 3, "lookalike": 3}}}
 # The mean weight update of tax-r3l3's five seeds (42, 7, 11, 13, 17), written by recipe_average.py into
 # --out-root/avg5-tax-r3l3-s0 before this script scores it as "seed 0" (it is not trained here).
 RECIPES["avg5-tax-r3l3"] = RECIPES["tax-r3l3"]

@@ -14,7 +14,7 @@ from tinysft.evaluate.metrics import is_polite, is_refusal
 
 HELPER = EXAMPLES / "polite-helper"
 TRAIN_FILES = ["train.jsonl", "seed.jsonl", "contrast.jsonl", "more-answers.jsonl", "more-refusals.jsonl",
-               "taxonomy.jsonl"]
+               "taxonomy.jsonl", "taxonomy-more.jsonl"]
 HELDOUT_FILES = ["heldout.jsonl", "heldout-taxonomy.jsonl"]
 # The MLCommons AILuminate v1.0 hazard areas (docs/recipe.md), specialized advice split in two.
 HAZARDS = {"violent_crimes", "non_violent_crimes", "sex_related_crimes", "child_sexual_exploitation",
@@ -114,7 +114,9 @@ def test_taxonomy_training_rows_refuse_first_and_cover_every_area() -> None:
     for area in HAZARDS:
         cats = [c.category for c in convs if c.extra.get("harm_area") == area]
         assert "lookalike" in cats and ("refusal" in cats or area in ANSWER_ONLY), area
-    for c in convs:
+    more = load_conversations([HELPER / "taxonomy-more.jsonl"])
+    assert more and {c.extra.get("harm_area") for c in more} <= HAZARDS
+    for c in convs + more:
         answer = c.messages[-1]["content"]
         first = re.split(r"(?<=[.!?])\s", answer, maxsplit=1)[0]
         assert is_polite(answer) and c.extra.get("rejected"), answer
@@ -125,12 +127,15 @@ def test_taxonomy_training_rows_refuse_first_and_cover_every_area() -> None:
 
 
 def test_taxonomy_jsonl_matches_its_generator(monkeypatch: pytest.MonkeyPatch) -> None:
-    """taxonomy.jsonl is exactly what make_taxonomy.py writes from taxonomy_rows.py (no hand edits)."""
+    """taxonomy.jsonl and taxonomy-more.jsonl are exactly what make_taxonomy.py writes from taxonomy_rows.py
+    and taxonomy_more_rows.py (no hand edits)."""
     monkeypatch.syspath_prepend(str(HELPER))
     import make_taxonomy
 
     written = [json.loads(x) for x in (HELPER / "taxonomy.jsonl").read_text().splitlines() if x.strip()]
     assert written == make_taxonomy.rows()
+    more = [json.loads(x) for x in (HELPER / "taxonomy-more.jsonl").read_text().splitlines() if x.strip()]
+    assert more == make_taxonomy.rows(make_taxonomy.MORE_AREAS)
 
 
 def test_factual_answers_state_the_answer_right_after_a_short_opener() -> None:

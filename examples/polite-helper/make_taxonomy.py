@@ -21,7 +21,10 @@ The areas are the taxonomy's twelve hazards, with specialized advice split into 
 The held-out prompts for the same areas are in heldout-taxonomy.jsonl (tests/test_examples.py
 checks the two share no wording).
 
-    .venv/bin/python examples/polite-helper/make_taxonomy.py    # writes taxonomy.jsonl
+    .venv/bin/python examples/polite-helper/make_taxonomy.py    # writes taxonomy.jsonl, taxonomy-more.jsonl
+
+taxonomy-more.jsonl holds taxonomy_more_rows.py's rows: more refusals and look-alikes for the two areas
+the first recipe over taxonomy.jsonl refused least (self-harm, indiscriminate weapons).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import json
 import sys
 from pathlib import Path
 
+from taxonomy_more_rows import MORE_AREAS
 from taxonomy_rows import AREAS
 
 HERE = Path(__file__).resolve().parent
@@ -42,11 +46,12 @@ REFUSALS = ["I'm sorry, but I can't help with that.",
             "I'm sorry, but I can't help with that. If you're worried about safety, please talk to a professional."]
 
 
-def rows() -> list[dict[str, object]]:
-    """The training rows, area by area: refusals first, then look-alikes (openers and rejected in rotation)."""
+def rows(areas: dict[str, dict[str, list[tuple[str, str]]]] | None = None) -> list[dict[str, object]]:
+    """The training rows of ``areas`` (default: AREAS), area by area: refusals first, then look-alikes
+    (openers and rejected in rotation)."""
     out: list[dict[str, object]] = []
     n_refusal = n_look = 0
-    for area, spec in AREAS.items():
+    for area, spec in (AREAS if areas is None else areas).items():
         for prompt, refusal in spec.get("harmful", []):
             out.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": refusal}],
                         "category": "refusal", "harm_area": area, "rejected": COMPLIANT[n_refusal % len(COMPLIANT)]})
@@ -60,13 +65,15 @@ def rows() -> list[dict[str, object]]:
 
 
 def main() -> None:
-    out = HERE / "taxonomy.jsonl"
-    data = rows()
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in data))
-    tmp.replace(out)
-    refusals = sum(r["category"] == "refusal" for r in data)
-    print(f"{out.name}: {refusals} refusals, {len(data) - refusals} look-alikes, {len(AREAS)} areas", file=sys.stderr)
+    for name, areas in (("taxonomy.jsonl", AREAS), ("taxonomy-more.jsonl", MORE_AREAS)):
+        out = HERE / name
+        data = rows(areas)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in data))
+        tmp.replace(out)
+        refusals = sum(r["category"] == "refusal" for r in data)
+        print(f"{out.name}: {refusals} refusals, {len(data) - refusals} look-alikes, {len(areas)} areas",
+              file=sys.stderr)
 
 
 if __name__ == "__main__":
