@@ -96,6 +96,7 @@ def _train(tmp_path: Path, data: Path | str, tiny_model_dir: Path, name: str, ex
     return run
 
 
+@pytest.mark.slow  # several trainings or CLI runs: outside the fast inner loop
 def test_each_new_format_trains_a_few_steps(tmp_path: Path, tiny_model_dir: Path) -> None:
     import datasets
     import pandas as pd

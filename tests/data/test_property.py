@@ -70,6 +70,7 @@ def data_check(path: Path, tiny: Path, *extra: str) -> Any:
     return CliRunner().invoke(app, ["data", "check", str(path), "--model", str(tiny), "--max-length", "4096", *extra])
 
 
+@pytest.mark.slow  # several trainings or CLI runs: outside the fast inner loop
 @pytest.mark.parametrize("raw", [False, True], ids=["escaped", "raw-bytes"])
 @PROPERTY
 @given(rows=st.lists(st.tuples(st.booleans(), st.one_of(valid_row, random_row)), min_size=1, max_size=8),

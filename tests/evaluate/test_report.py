@@ -140,6 +140,7 @@ def tiny_run(tmp_path_factory, tiny_model_dir):
     return tmp / "run", data
 
 
+@pytest.mark.slow  # several trainings or CLI runs: outside the fast inner loop
 def test_evaluate_run_with_heldout_loss_and_forgetting(tiny_run, prompt_file: Path, tmp_path: Path) -> None:
     from conftest import write_jsonl
     from tinysft.pipeline import evaluate_run

@@ -132,6 +132,7 @@ def test_int8_base_trains(tmp_path, tiny_model_dir) -> None:
     assert figures["tuned"].loss < figures["base"].loss - 0.1, figures
 
 
+@pytest.mark.slow  # several trainings or CLI runs: outside the fast inner loop
 def test_gradient_checkpointing_gives_the_same_losses(tmp_path, tiny_model_dir) -> None:
     data = write_jsonl(tmp_path / "train.jsonl", CHAT_ROWS)
     # Dropout on: checkpointing recomputes the forward in backward and must replay the same masks.
