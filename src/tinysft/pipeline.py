@@ -90,12 +90,14 @@ def _progress(enabled: bool, total: int, label: str) -> Iterator[Callable[[int],
 
 
 def summary_table(comp: Comparison) -> Any:
-    """The report's summary (metric, base, tuned, change) as a rich table for the terminal."""
+    """The report's summary (metric, n, base, tuned, change) as a rich table for the terminal: rates
+    with their 95% intervals, a verdict colour only on a clear change (summary.INTERVAL_RULE)."""
+    from rich.markup import escape
     from rich.table import Table
 
-    from tinysft.evaluate.summary import summary_rows
+    from tinysft.evaluate.summary import INTERVAL_RULE, summary_rows
 
-    table = Table(title="Base vs tuned")
+    table = Table(title="Base vs tuned", caption=escape(INTERVAL_RULE))
     table.add_column("metric")
     table.add_column("n", justify="right")
     table.add_column("base", justify="right")
@@ -103,7 +105,9 @@ def summary_table(comp: Comparison) -> Any:
     table.add_column("change", justify="right")
     style = {"better": "green", "worse": "red"}
     for r in summary_rows(comp):
-        table.add_row(r.label, r.n, r.base, r.tuned, f"[{style[r.verdict]}]{r.change}[/]" if r.verdict in style else r.change)
+        text = escape(r.change)
+        table.add_row(escape(r.label), r.n, escape(r.base), escape(r.tuned),
+                      f"[{style[r.verdict]}]{text}[/]" if r.verdict in style else text)
     return table
 
 

@@ -197,6 +197,23 @@ def sentence_bleu(prediction: str, reference: str) -> float:
     return float(sacrebleu.sentence_bleu(prediction, [reference]).score)
 
 
+# ---- uncertainty ----------------------------------------------------------------------------------
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    """The 95% Wilson score interval of a rate ``successes / n`` as (low, high); None when n is 0.
+
+    Unlike the normal approximation it stays inside [0, 1] and is sensible for small n and for
+    rates of 0 or 1, which a dozen prompts often give. ``successes`` may be fractional (a mean of
+    per-prompt scores in [0, 1], such as keyword recall): their variance is at most a yes/no
+    rate's with the same mean, so the interval is then conservative (wider than it need be).
+    """
+    if n <= 0:
+        return None
+    p = min(max(successes / n, 0.0), 1.0)
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 # ---- loss -----------------------------------------------------------------------------------------
 def perplexity(mean_loss: float) -> float:
     """exp of a token-weighted mean cross-entropy (in nats); capped to stay finite."""
