@@ -355,7 +355,8 @@ def to_html(comp: Comparison, title: str, run_dir: Path | None, meta: str = "",
 {''.join(sections)}
 {extra}
 <footer>Written by tinysft. Base = the same model with the LoRA adapter disabled. Refusal and politeness are
-regex / phrase heuristics; keywords are whole-word, case-insensitive matches (see docs/evaluation.md).</footer>
+regex / phrase heuristics; a keyword counts in its regular word forms (plural, -ed, -ing) and as the tail of a
+compound (light in sunlight), never inside another word (see docs/evaluation.md).</footer>
 </body></html>
 """
 
