@@ -4,7 +4,7 @@ Each row gets per-answer flags (``score_answer``); ``aggregate`` turns a set of 
 figures for one side. Which flags a row gets depends on its fields:
 
     expect: refuse | answer      refusal behaviour (category harmful/refusal implies refuse)
-    keywords / answer_keywords   keyword recall, all keywords found
+    keywords / answer_keywords   keyword recall, all keywords found, all in the first 30 tokens
     max_words / min_words        length compliance (or a short/detailed category's default)
     reference                    exact / contains match, ROUGE-L, BLEU
 """
@@ -53,8 +53,12 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def score_answer(answer: str, row: Conversation) -> dict[str, Any]:
-    """Per-answer flags; which apply depends on the row's fields (expect, keywords, max_words, reference)."""
+def score_answer(answer: str, row: Conversation, tokenizer: Any | None = None) -> dict[str, Any]:
+    """Per-answer flags; which apply depends on the row's fields (expect, keywords, max_words, reference).
+
+    ``tokenizer`` (the model's) counts the first OPENING_TOKENS tokens for ``keywords_in_opening``;
+    without one, words are counted.
+    """
     extra = row.extra
     expect = expected_refusal(row)
     refused = metrics.is_refusal(answer)
@@ -72,6 +76,7 @@ def score_answer(answer: str, row: Conversation) -> dict[str, Any]:
         flags["keyword_recall"] = round(sum(found) / len(found), 4)
         flags["keywords_all"] = all(found)
         flags["keywords_missing"] = [str(k) for k, f in zip(keywords, found, strict=True) if not f]
+        flags["keywords_in_opening"] = metrics.keywords_in_opening(answer, keywords, tokenizer=tokenizer)
     lo, hi = metrics.length_limits(row.category, _int(extra.get("max_words")), _int(extra.get("min_words")))
     ok = metrics.length_ok(answer, lo, hi)
     if ok is not None:
@@ -112,6 +117,7 @@ def aggregate(rows: list[dict[str, Any]], side: str) -> dict[str, Any]:
         out["mean_words"] = round(sum(r[side]["words"] for r in rows) / len(rows), 1)
     rate("keyword_recall", "keyword_recall")
     rate("keyword_accuracy", "keywords_all")
+    rate("keyword_in_opening", "keywords_in_opening")
     rate("length_compliance", "length_ok")
     rate("exact_match", "exact_match")
     rate("contains_match", "contains_match")
@@ -127,8 +133,8 @@ def aggregate(rows: list[dict[str, Any]], side: str) -> dict[str, Any]:
     return out
 
 
-def scored_row(p: Conversation, base: str, tuned: str, suite: str = PROMPTS) -> dict[str, Any]:
-    """One report row: the prompt, its fields, both answers and both sets of flags."""
+def scored_row(p: Conversation, base: str, tuned: str, suite: str = PROMPTS, tokenizer: Any | None = None) -> dict[str, Any]:
+    """One report row: the prompt, its fields, both answers and both sets of flags (``score_answer``)."""
     return {
         "prompt": p.messages[-1]["content"],
         "messages": p.messages,
@@ -139,8 +145,8 @@ def scored_row(p: Conversation, base: str, tuned: str, suite: str = PROMPTS) -> 
         **{k: v for k, v in p.extra.items() if k not in ("messages",)},
         "base_answer": base,
         "tuned_answer": tuned,
-        "base": score_answer(base, p),
-        "tuned": score_answer(tuned, p),
+        "base": score_answer(base, p, tokenizer),
+        "tuned": score_answer(tuned, p, tokenizer),
     }
 
 
@@ -186,7 +192,7 @@ def compare(model: Any, tokenizer: Any, prompts: list[Conversation], *, max_new_
     for suite, convs, limit in suites:
         base = generate_rows(model, tokenizer, convs, tuned=False, max_new_tokens=limit, **kw)
         tuned = generate_rows(model, tokenizer, convs, tuned=True, max_new_tokens=limit, **kw)
-        rows += [scored_row(p, b, t, suite) for p, b, t in zip(convs, base, tuned, strict=True)]
+        rows += [scored_row(p, b, t, suite, tokenizer) for p, b, t in zip(convs, base, tuned, strict=True)]
     return summarize(rows)
 
 

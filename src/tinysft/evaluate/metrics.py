@@ -11,6 +11,7 @@ import math
 import re
 import string
 from collections.abc import Sequence
+from typing import Any
 
 # ---- refusal --------------------------------------------------------------------------------------
 # A refusal is a first-person *decline* ("I can't help with that", "I'm sorry, but I won't ...",
@@ -126,9 +127,8 @@ def length_ok(text: str, min_words: int | None = None, max_words: int | None = N
 # - case, curly quotes and punctuation around it do not matter; a hyphen or space inside a
 #   keyword matches either ("Berners-Lee" = "Berners Lee");
 # - a keyword of letters only, at least FORM_MIN_LETTERS long, also matches its regular inflections
-#   plural and 3rd person -s/-es, possessive 's, past -ed, -ing, with English
-#   spelling (run -> running, make -> making, carry -> carries); a plural keyword also matches
-#   its singular ("plants" -> "plant"). Irregular forms (ran, mice) need an alternative.
+#   (plural and 3rd person -s/-es, possessive 's, past -ed, -ing), with English spelling (run -> running, make -> making, carry -> carries); a plural keyword also
+#   matches its singular ("plants" -> "plant"). Irregular forms (ran, mice) need an alternative.
 # - such a keyword of at least COMPOUND_MIN_LETTERS letters also matches as the tail of a closed
 #   compound whose head is a plausible word: 3+ letters with a vowel, not some/any/every
 #   ("light" in "sunlight" and "daylight", "water" in "underwater"), never as a head or in the
@@ -225,6 +225,30 @@ def keyword_recall(text: str, keywords: Sequence[str | Sequence[str]]) -> float:
 def all_keywords(text: str, keywords: Sequence[str | Sequence[str]]) -> bool:
     """True if every keyword is found."""
     return all(keywords_found(text, keywords))
+
+
+OPENING_TOKENS = 30
+"""How much of an answer ``keywords_in_opening`` reads: about its first sentence."""
+
+
+def opening(text: str, limit: int = OPENING_TOKENS, tokenizer: Any | None = None) -> str:
+    """The start of an answer: its first ``limit`` tokens of ``tokenizer`` (a Hugging Face tokenizer,
+    the model's own), decoded back to text; without a tokenizer, its first ``limit`` words."""
+    if tokenizer is None:
+        return " ".join(text.split()[:limit])
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return text if len(ids) <= limit else tokenizer.decode(ids[:limit], skip_special_tokens=True)
+
+
+def keywords_in_opening(text: str, keywords: Sequence[str | Sequence[str]], limit: int = OPENING_TOKENS,
+                        tokenizer: Any | None = None) -> bool:
+    """True if every keyword is found (as ``keywords_found`` finds it) in the answer's first ``limit``
+    tokens (words without a tokenizer): the answer comes first, not after a long polite opener.
+
+    "Bonjour! France is the second largest European country ..." to "What is the capital of
+    France?" may name Paris eventually and still fail here.
+    """
+    return all(keywords_found(opening(text, limit, tokenizer), keywords))
 
 
 _PUNCT = str.maketrans("", "", string.punctuation)

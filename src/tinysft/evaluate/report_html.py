@@ -219,6 +219,8 @@ def _flag_tags(flags: dict[str, Any], expect_refusal: bool) -> str:
     if "keywords_all" in flags:
         tags.append("<span class='tag ok'>keywords ✓</span>" if flags["keywords_all"] else
                     f"<span class='tag bad'>missing: {e(', '.join(flags['keywords_missing']))}</span>")
+        if flags["keywords_all"] and flags.get("keywords_in_opening") is False:
+            tags.append("<span class='tag'>keywords after the first 30 tokens</span>")
     if "length_ok" in flags:
         tags.append(f"<span class='tag {'ok' if flags['length_ok'] else 'bad'}'>length {'ok' if flags['length_ok'] else '✗'}</span>")
     if "rouge_l" in flags:

@@ -26,6 +26,7 @@ METRICS = [
     Metric("refusal_rate_harmful", "Harmful prompts refused", "higher", "rate"),
     Metric("over_refusal_rate", "Benign prompts refused (over-refusal)", "lower", "rate"),
     Metric("keyword_accuracy", "Answers with every keyword", "higher", "rate"),
+    Metric("keyword_in_opening", "Every keyword in the first 30 tokens", "higher", "rate"),
     Metric("keyword_recall", "Keyword recall", "higher", "rate"),
     Metric("length_compliance", "Length instructions obeyed", "higher", "rate"),
     Metric("exact_match", "Exact match with the reference", "higher", "rate"),
@@ -243,6 +244,8 @@ def tags(flags: dict[str, Any]) -> str:
         tags.append("refused")
     if "keywords_all" in flags:
         tags.append("keywords ✓" if flags["keywords_all"] else "missing: " + ", ".join(flags["keywords_missing"]))
+        if flags["keywords_all"] and flags.get("keywords_in_opening") is False:
+            tags.append("keywords after the first 30 tokens")
     if "length_ok" in flags:
         tags.append("length ok" if flags["length_ok"] else "length ✗")
     if "rouge_l" in flags:
