@@ -35,7 +35,7 @@ def evaluate_run(run_dir: str | Path, prompt_files: list[str], out_dir: str | Pa
     Every input file is read and validated before the model is loaded.
     """
     from tinysft.data.validate import DataError, Problem, load_conversations, load_prompts
-    from tinysft.evaluate.compare import compare, with_loss
+    from tinysft.evaluate.compare import answer_limits, compare, with_loss
     from tinysft.evaluate.perplexity import heldout_loss
     from tinysft.evaluate.report import write_report
     from tinysft.models.load import load_run
@@ -48,6 +48,7 @@ def evaluate_run(run_dir: str | Path, prompt_files: list[str], out_dir: str | Pa
     cfg = load_config(run / "config.yaml") if (run / "config.yaml").is_file() else None
     prompts = load_prompts(prompt_files)
     forget = load_prompts([forgetting]) if forgetting else []
+    answer_limits(prompts + forget, 1)  # a bad per-row answer cap is a DataError now, not after the model loads
     loss_files = list(eval_data) if eval_data is not None else (list(cfg.data.eval) if cfg else [])
     heldout = load_conversations(loss_files) if loss_files else []
 

@@ -200,6 +200,14 @@ def test_eval_cli(tiny_run, prompt_file: Path, tmp_path: Path) -> None:
     assert "bad.jsonl" in result.output
     assert not (tmp_path / "r2" / "report.json").exists()
 
+    capped = tmp_path / "capped.jsonl"  # a row's own answer cap must be a whole number >= 1
+    capped.write_text('{"prompt": "Hi", "max_new_tokens": 0}\n')
+    result = CliRunner().invoke(app, ["eval", str(run), "--prompts", str(capped), "--no-forgetting",
+                                      "--out", str(tmp_path / "r3")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "capped.jsonl" in result.output and "max_new_tokens" in result.output
+    assert not (tmp_path / "r3" / "report.json").exists()
+
 
 # ---- rendered in a real browser ---------------------------------------------------------------------
 

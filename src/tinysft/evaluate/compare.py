@@ -7,6 +7,7 @@ figures for one side. Which flags a row gets depends on its fields:
     keywords / answer_keywords   keyword recall, all keywords found, all in the first 30 tokens
     max_words / min_words        length compliance (or a short/detailed category's default)
     reference                    exact / contains match, ROUGE-L, BLEU
+    max_new_tokens               this row's answer cap, below the run's (answer_limits)
 """
 
 from __future__ import annotations
@@ -174,12 +175,36 @@ def summarize(rows: list[dict[str, Any]], loss: dict[str, dict[str, Any]] | None
     return Comparison(rows, figures, by_cat, loss)
 
 
+def answer_limits(rows: list[Conversation], limit: int) -> list[int]:
+    """Each row's answer cap: its own ``max_new_tokens`` where it sets a lower one, else ``limit``.
+
+    A prompt file can spend fewer tokens where the verdict comes early: a refusal is judged on the
+    first REFUSAL_WINDOW characters, a short-answer row needs only enough to overrun its limit.
+    Raises DataError (file, line, fix) for a value that is not a positive whole number.
+    """
+    from tinysft.data.validate import DataError, Problem
+
+    out, problems = [], []
+    for r in rows:
+        value = r.extra.get("max_new_tokens")
+        if value is not None and (_int(value) is None or value < 1):
+            problems.append(Problem.at(r.source, "max_new_tokens", f"must be a whole number >= 1 (got {value!r})",
+                                       "give the row's answer cap in tokens, e.g. 64, or leave the field out"))
+            continue
+        out.append(min(value, limit) if value is not None else limit)
+    if problems:
+        raise DataError(problems)
+    return out
+
+
 def compare(model: Any, tokenizer: Any, prompts: list[Conversation], *, max_new_tokens: int = 160,
             batch_size: int = 16, system_prompt: str | None = None,
             on_batch: Callable[[int], None] | None = None, forgetting: list[Conversation] | None = None,
             temperature: float = 0.0, seed: int | None = 0) -> Comparison:
     """Generate base and tuned answers for every prompt (and the forgetting set) and score both.
 
+    Each row's answer stops at ``max_new_tokens`` or at its own lower ``max_new_tokens`` field
+    (``answer_limits``).
     The forgetting set is answered with at most FORGETTING_MAX_NEW_TOKENS: its answers are checked
     for a keyword, which comes in the first sentence.
     """
@@ -190,8 +215,9 @@ def compare(model: Any, tokenizer: Any, prompts: list[Conversation], *, max_new_
     if forgetting:
         suites.append((FORGETTING, forgetting, min(max_new_tokens, FORGETTING_MAX_NEW_TOKENS)))
     for suite, convs, limit in suites:
-        base = generate_rows(model, tokenizer, convs, tuned=False, max_new_tokens=limit, **kw)
-        tuned = generate_rows(model, tokenizer, convs, tuned=True, max_new_tokens=limit, **kw)
+        limits = answer_limits(convs, limit)
+        base = generate_rows(model, tokenizer, convs, tuned=False, max_new_tokens=limits, **kw)
+        tuned = generate_rows(model, tokenizer, convs, tuned=True, max_new_tokens=limits, **kw)
         rows += [scored_row(p, b, t, suite, tokenizer) for p, b, t in zip(convs, base, tuned, strict=True)]
     return summarize(rows)
 
