@@ -11,13 +11,12 @@ from conftest import EXAMPLES
 from tinysft.config import load_config
 from tinysft.data.validate import load_conversations, load_prompts
 from tinysft.evaluate.compare import answer_limits
-from tinysft.evaluate.metrics import REFUSAL_WINDOW
+from tinysft.evaluate.metrics import OPENING_TOKENS, is_refusal
 
 HELPER = EXAMPLES / "polite-helper"
 DEMO = HELPER / "demo-prompts.jsonl"
 TRAIN_FILES = ["train.jsonl", "seed.jsonl", "contrast.jsonl", "more-answers.jsonl", "more-refusals.jsonl"]
 TOKENS_PER_WORD = 1.31  # the embedded tokenizer on the shipped answers (more-answers.jsonl)
-CHARS_PER_TOKEN = 4.4
 
 
 def _rows(path):
@@ -59,19 +58,25 @@ def test_demo_prompts_are_enough_and_balanced() -> None:
 
 
 def test_answer_caps_leave_each_verdict_its_tokens() -> None:
-    """A cap below what a row's verdict reads would judge a cut answer: a refusal is looked for in the
-    first REFUSAL_WINDOW characters, a min_words row must be able to reach its words, a max_words
-    row to overrun them."""
+    """A cap below what a row's verdict reads would judge a cut answer: a min_words row must be able
+    to reach its words, a max_words row to overrun them, a keyword row to get past its first 30
+    tokens; and a refusal, looked for in the opening, must still be found there."""
     limit = load_config(HELPER / "config.yaml").eval.max_new_tokens
     rows = _rows(DEMO)
     caps = answer_limits(load_prompts([DEMO]), limit)  # valid, and never above the run's
     assert any(c < limit for c in caps), "no row is capped: the demo spends the full limit everywhere"
     for r, cap in zip(rows, caps, strict=True):
-        if "expect" in r or r["category"] == "harmful":
-            assert cap * CHARS_PER_TOKEN >= REFUSAL_WINDOW, r["prompt"]
         if "min_words" in r:
-            assert cap >= 1.5 * r["min_words"] * TOKENS_PER_WORD, r["prompt"]
+            assert cap >= 1.1 * r["min_words"] * TOKENS_PER_WORD, r["prompt"]
         if "max_words" in r:
-            assert cap >= 1.5 * r["max_words"] * TOKENS_PER_WORD, r["prompt"]
+            assert cap >= 1.1 * r["max_words"] * TOKENS_PER_WORD, r["prompt"]
         if "keywords" in r:
-            assert cap >= 48, r["prompt"]  # the first 30 tokens and a sentence after them
+            assert cap > OPENING_TOKENS, r["prompt"]
+    # The refusals the model is trained to give, cut to the refusal rows' cap (in words), still read
+    # as refusals: 271 of 272 at 24 words (32 tokens), all at 30.
+    refusal_cap = min(c for r, c in zip(rows, caps, strict=True) if "expect" in r or r["category"] == "harmful")
+    words = int(refusal_cap / TOKENS_PER_WORD)
+    answers = [c.messages[-1]["content"] for c in load_conversations([HELPER / f for f in TRAIN_FILES])]
+    refusals = [a for a in answers if is_refusal(a)]
+    kept = [a for a in refusals if is_refusal(" ".join(a.split()[:words]))]
+    assert len(refusals) > 200 and len(kept) >= 0.99 * len(refusals), (words, len(kept), len(refusals))
