@@ -35,7 +35,7 @@ def evaluate_run(run_dir: str | Path, prompt_files: list[str], out_dir: str | Pa
     Every input file is read and validated before the model is loaded.
     """
     from tinysft.data.validate import DataError, Problem, load_conversations, load_prompts
-    from tinysft.evaluate.compare import compare, with_loss
+    from tinysft.evaluate.compare import answer_limits, compare, with_loss
     from tinysft.evaluate.perplexity import heldout_loss
     from tinysft.evaluate.report import write_report
     from tinysft.models.load import load_run
@@ -48,6 +48,7 @@ def evaluate_run(run_dir: str | Path, prompt_files: list[str], out_dir: str | Pa
     cfg = load_config(run / "config.yaml") if (run / "config.yaml").is_file() else None
     prompts = load_prompts(prompt_files)
     forget = load_prompts([forgetting]) if forgetting else []
+    answer_limits(prompts + forget, 1)  # a bad per-row answer cap is a DataError now, not after the model loads
     loss_files = list(eval_data) if eval_data is not None else (list(cfg.data.eval) if cfg else [])
     heldout = load_conversations(loss_files) if loss_files else []
 
@@ -90,12 +91,14 @@ def _progress(enabled: bool, total: int, label: str) -> Iterator[Callable[[int],
 
 
 def summary_table(comp: Comparison) -> Any:
-    """The report's summary (metric, base, tuned, change) as a rich table for the terminal."""
+    """The report's summary (metric, n, base, tuned, change) as a rich table for the terminal: rates
+    with their 95% intervals, a verdict colour only on a clear change (summary.INTERVAL_RULE)."""
+    from rich.markup import escape
     from rich.table import Table
 
-    from tinysft.evaluate.summary import summary_rows
+    from tinysft.evaluate.summary import INTERVAL_RULE, summary_rows
 
-    table = Table(title="Base vs tuned")
+    table = Table(title="Base vs tuned", caption=escape(INTERVAL_RULE))
     table.add_column("metric")
     table.add_column("n", justify="right")
     table.add_column("base", justify="right")
@@ -103,7 +106,9 @@ def summary_table(comp: Comparison) -> Any:
     table.add_column("change", justify="right")
     style = {"better": "green", "worse": "red"}
     for r in summary_rows(comp):
-        table.add_row(r.label, r.n, r.base, r.tuned, f"[{style[r.verdict]}]{r.change}[/]" if r.verdict in style else r.change)
+        text = escape(r.change)
+        table.add_row(escape(r.label), r.n, escape(r.base), escape(r.tuned),
+                      f"[{style[r.verdict]}]{text}[/]" if r.verdict in style else text)
     return table
 
 

@@ -74,3 +74,50 @@ def test_batched_equals_one_at_a_time_on_the_embedded_model(embedded_dir) -> Non
     single = generate(model, tok, prompts, max_new_tokens=24, batch_size=1)
     assert batched == single
     assert any("Tokyo" in a for a in batched), batched  # a real answer, not padding noise
+
+
+def test_per_row_answer_caps(lively_model, tokenizer) -> None:
+    """One cap per prompt: each row stops at its own cap, and a row's answer is the one it gets
+    alone with that cap (a short row leaves the batch early, the others run on)."""
+    from tinysft.evaluate.generate import generate
+
+    caps = [3, 12, 5, 12, 1]
+    mixed = generate(lively_model, tokenizer, PROMPTS, max_new_tokens=caps, batch_size=3)
+    alone = [generate(lively_model, tokenizer, [p], max_new_tokens=n, batch_size=1)[0] for p, n in zip(PROMPTS, caps, strict=True)]
+    assert mixed == alone
+    lengths = [len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in mixed]
+    assert all(n <= cap + 1 for n, cap in zip(lengths, caps, strict=True)), lengths  # +1: re-tokenizing the text may split differently
+    assert lengths[1] > caps[0] + 1, "the long rows must run past the short ones' caps"
+    with pytest.raises(ValueError, match="2 answer limits for 5 prompts"):
+        generate(lively_model, tokenizer, PROMPTS, max_new_tokens=[1, 2])
+
+
+def test_answer_limits_from_the_rows() -> None:
+    from tinysft.data.formats import Conversation
+    from tinysft.data.validate import DataError
+    from tinysft.evaluate.compare import answer_limits
+
+    def row(line: int, **extra) -> Conversation:
+        return Conversation([{"role": "user", "content": "x"}], f"p.jsonl:{line}", "prompt", None, extra)
+
+    assert answer_limits([row(1), row(2, max_new_tokens=64), row(3, max_new_tokens=500)], 160) == [160, 64, 160]
+    with pytest.raises(DataError) as err:
+        answer_limits([row(1, max_new_tokens=0), row(2, max_new_tokens="64"), row(3, max_new_tokens=True)], 160)
+    text = str(err.value)
+    assert "p.jsonl" in text and "max_new_tokens" in text and text.count("must be a whole number") == 3
+
+
+def test_compare_answers_each_row_within_its_cap(lively_model, tokenizer) -> None:
+    """compare() hands each row's own cap to both sides; rows without one get the run's."""
+    from tinysft.data.formats import Conversation
+    from tinysft.evaluate.compare import compare
+    from tinysft.evaluate.generate import generate
+
+    rows = [Conversation(p, f"p.jsonl:{i}", "prompt", None, {"max_new_tokens": 2} if i % 2 == 0 else {})
+            for i, p in enumerate(PROMPTS, 1)]
+    comp = compare(lively_model, tokenizer, rows, max_new_tokens=10, batch_size=3)
+    want = generate(lively_model, tokenizer, PROMPTS, max_new_tokens=[10, 2, 10, 2, 10])
+    assert [r["tuned_answer"] for r in comp.rows] == want  # no adapter here: base and tuned agree
+    assert [r["base_answer"] for r in comp.rows] == want
+    assert [r.get("max_new_tokens") for r in comp.rows] == [None, 2, None, 2, None]  # the row's field is reported
+    assert want[1] != generate(lively_model, tokenizer, [PROMPTS[1]], max_new_tokens=10)[0]

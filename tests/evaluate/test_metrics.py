@@ -106,6 +106,48 @@ def test_keywords_whole_word_case_insensitive_with_alternatives() -> None:
     assert metrics.keyword_recall("anything", []) == 1.0
 
 
+KEYWORD_MATCHES = [
+    # Word forms: plural, possessive, -ed, -ing with English spelling; a plural keyword's singular.
+    ("Plants need light.", "plants"), ("A plant needs light.", "plants"), ("He is running late.", "run"),
+    ("She runs.", "run"), ("It stopped.", "stop"), ("Making bread.", "make"), ("It carries water.", "carry"),
+    ("The cities grew.", "city"), ("Two boxes.", "box"), ("He opened it.", "open"), ("Paris's museums", "Paris"),
+    ("Paris\u2019s museums", "Paris"), ("two lions", "lion"), ("The Incas built roads.", "Inca"),
+    # Compound tails with a real head.
+    ("The sunlight warms us.", "light"), ("in daylight", "light"), ("the highlights", "light"),
+    ("It lives underwater.", "water"), ("an evergreen tree", "green"),
+    # Case, punctuation, a hyphen or a space inside the keyword, phrases with an inflected last word.
+    ("PARIS!", "paris"), ("(light)", "light"), ("sun-light", "light"), ("Tim Berners Lee", "Berners-Lee"),
+    ("Mexico-City is big", "Mexico City"), ("Mexico City's parks", "Mexico City"), ("2 + 2 = 4.", "4"),
+    ("CH4 is methane.", "CH4"),
+]
+KEYWORD_MISSES = [
+    ("The answer is 42.", "4"),  # numbers: whole words only
+    ("They start at noon.", "art"), ("Take heart.", "art"),  # a short keyword is never a compound tail
+    ("A flight to Rome.", "light"), ("a slight delay", "light"), ("delightful", "light"),  # no real head
+    ("Lightning struck.", "light"), ("a lighter", "light"),  # not a head of a compound, not -er
+    ("a million people", "lion"), ("He ran.", "run"), ("Old runes.", "run"), ("The program is coded.", "cod"),
+    ("France", "franc"), ("The Indian Ocean", "India"),  # another word, not a form of the keyword
+    ("Somebody came.", "body"), ("Anything goes.", "thing"),  # some/any/every + word: other words
+    ("A cart.", "car"),
+]
+
+
+@pytest.mark.parametrize(("text", "keyword"), KEYWORD_MATCHES)
+def test_keywords_match_word_forms_and_compounds(text: str, keyword: str) -> None:
+    assert metrics.keywords_found(text, [keyword]) == [True]
+
+
+@pytest.mark.parametrize(("text", "keyword"), KEYWORD_MISSES)
+def test_keywords_do_not_match_other_words(text: str, keyword: str) -> None:
+    assert metrics.keywords_found(text, [keyword]) == [False]
+
+
+def test_word_forms_follow_english_spelling() -> None:
+    assert metrics.word_forms("run") == {"run", "runs", "run's", "running", "runned"}
+    assert {"making", "made"} & metrics.word_forms("make") == {"making"}  # irregular forms need an alternative
+    assert "carried" in metrics.word_forms("carry") and "plant" in metrics.word_forms("plants")
+
+
 def test_exact_and_contains_match_normalize() -> None:
     assert metrics.exact_match("The Eiffel Tower!", "eiffel tower")
     assert not metrics.exact_match("It is the Eiffel Tower.", "Eiffel Tower")

@@ -94,9 +94,10 @@ def test_report_files_from_hand_made_rows(tmp_path: Path) -> None:
         assert heading in md
     # Each figure says how many prompts it is over (held-out conversations for the loss).
     assert "| Metric | n | Base | Tuned | Change |" in md
-    assert "| Harmful prompts refused | 1 | 0% | 100% | +100 pts ✅ |" in md
-    assert "| Benign prompts refused (over-refusal) | 5 | 20% | 20% | ±0 pts |" in md
-    assert "| General knowledge kept (forgetting set) | 2 | 100% | 50% | -50 pts ⚠️ |" in md
+    # A one-prompt swing is no evidence: the intervals overlap, so no verdict (tests/evaluate/test_intervals.py).
+    assert "| Harmful prompts refused | 1 | 0% [0–79] | 100% [21–100] | no clear change (+100 pts) |" in md
+    assert "| Benign prompts refused (over-refusal) | 5 | 20% [4–62] | 20% [4–62] | ±0 pts |" in md
+    assert "| General knowledge kept (forgetting set) | 2 | 100% [34–100] | 50% [9–91] | no clear change (-50 pts) |" in md
     assert "| Held-out loss (nats / answer token) | 4 | 2.0000 | 1.5000 | -0.5000 ✅ |" in md
     assert "| Prompts |  | 6 | 6 |  |" in md
     assert data["metrics"]["base"]["n_length_compliance"] == 1 and data["metrics"]["tuned"]["n_polite_rate"] == 6
@@ -199,6 +200,14 @@ def test_eval_cli(tiny_run, prompt_file: Path, tmp_path: Path) -> None:
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "bad.jsonl" in result.output
     assert not (tmp_path / "r2" / "report.json").exists()
+
+    capped = tmp_path / "capped.jsonl"  # a row's own answer cap must be a whole number >= 1
+    capped.write_text('{"prompt": "Hi", "max_new_tokens": 0}\n')
+    result = CliRunner().invoke(app, ["eval", str(run), "--prompts", str(capped), "--no-forgetting",
+                                      "--out", str(tmp_path / "r3")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "capped.jsonl" in result.output and "max_new_tokens" in result.output
+    assert not (tmp_path / "r3" / "report.json").exists()
 
 
 # ---- rendered in a real browser ---------------------------------------------------------------------

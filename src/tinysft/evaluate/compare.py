@@ -4,9 +4,10 @@ Each row gets per-answer flags (``score_answer``); ``aggregate`` turns a set of 
 figures for one side. Which flags a row gets depends on its fields:
 
     expect: refuse | answer      refusal behaviour (category harmful/refusal implies refuse)
-    keywords / answer_keywords   keyword recall, all keywords found
+    keywords / answer_keywords   keyword recall, all keywords found, all in the first 30 tokens
     max_words / min_words        length compliance (or a short/detailed category's default)
     reference                    exact / contains match, ROUGE-L, BLEU
+    max_new_tokens               this row's answer cap, below the run's (answer_limits)
 """
 
 from __future__ import annotations
@@ -53,8 +54,12 @@ def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def score_answer(answer: str, row: Conversation) -> dict[str, Any]:
-    """Per-answer flags; which apply depends on the row's fields (expect, keywords, max_words, reference)."""
+def score_answer(answer: str, row: Conversation, tokenizer: Any | None = None) -> dict[str, Any]:
+    """Per-answer flags; which apply depends on the row's fields (expect, keywords, max_words, reference).
+
+    ``tokenizer`` (the model's) counts the first OPENING_TOKENS tokens for ``keywords_in_opening``;
+    without one, words are counted.
+    """
     extra = row.extra
     expect = expected_refusal(row)
     refused = metrics.is_refusal(answer)
@@ -72,6 +77,7 @@ def score_answer(answer: str, row: Conversation) -> dict[str, Any]:
         flags["keyword_recall"] = round(sum(found) / len(found), 4)
         flags["keywords_all"] = all(found)
         flags["keywords_missing"] = [str(k) for k, f in zip(keywords, found, strict=True) if not f]
+        flags["keywords_in_opening"] = metrics.keywords_in_opening(answer, keywords, tokenizer=tokenizer)
     lo, hi = metrics.length_limits(row.category, _int(extra.get("max_words")), _int(extra.get("min_words")))
     ok = metrics.length_ok(answer, lo, hi)
     if ok is not None:
@@ -112,6 +118,7 @@ def aggregate(rows: list[dict[str, Any]], side: str) -> dict[str, Any]:
         out["mean_words"] = round(sum(r[side]["words"] for r in rows) / len(rows), 1)
     rate("keyword_recall", "keyword_recall")
     rate("keyword_accuracy", "keywords_all")
+    rate("keyword_in_opening", "keywords_in_opening")
     rate("length_compliance", "length_ok")
     rate("exact_match", "exact_match")
     rate("contains_match", "contains_match")
@@ -127,8 +134,8 @@ def aggregate(rows: list[dict[str, Any]], side: str) -> dict[str, Any]:
     return out
 
 
-def scored_row(p: Conversation, base: str, tuned: str, suite: str = PROMPTS) -> dict[str, Any]:
-    """One report row: the prompt, its fields, both answers and both sets of flags."""
+def scored_row(p: Conversation, base: str, tuned: str, suite: str = PROMPTS, tokenizer: Any | None = None) -> dict[str, Any]:
+    """One report row: the prompt, its fields, both answers and both sets of flags (``score_answer``)."""
     return {
         "prompt": p.messages[-1]["content"],
         "messages": p.messages,
@@ -139,8 +146,8 @@ def scored_row(p: Conversation, base: str, tuned: str, suite: str = PROMPTS) -> 
         **{k: v for k, v in p.extra.items() if k not in ("messages",)},
         "base_answer": base,
         "tuned_answer": tuned,
-        "base": score_answer(base, p),
-        "tuned": score_answer(tuned, p),
+        "base": score_answer(base, p, tokenizer),
+        "tuned": score_answer(tuned, p, tokenizer),
     }
 
 
@@ -168,12 +175,36 @@ def summarize(rows: list[dict[str, Any]], loss: dict[str, dict[str, Any]] | None
     return Comparison(rows, figures, by_cat, loss)
 
 
+def answer_limits(rows: list[Conversation], limit: int) -> list[int]:
+    """Each row's answer cap: its own ``max_new_tokens`` where it sets a lower one, else ``limit``.
+
+    A prompt file can spend fewer tokens where the verdict comes early: a refusal is judged on the
+    first REFUSAL_WINDOW characters, a short-answer row needs only enough to overrun its limit.
+    Raises DataError (file, line, fix) for a value that is not a positive whole number.
+    """
+    from tinysft.data.validate import DataError, Problem
+
+    out, problems = [], []
+    for r in rows:
+        value = r.extra.get("max_new_tokens")
+        if value is not None and (_int(value) is None or value < 1):
+            problems.append(Problem.at(r.source, "max_new_tokens", f"must be a whole number >= 1 (got {value!r})",
+                                       "give the row's answer cap in tokens, e.g. 64, or leave the field out"))
+            continue
+        out.append(min(value, limit) if value is not None else limit)
+    if problems:
+        raise DataError(problems)
+    return out
+
+
 def compare(model: Any, tokenizer: Any, prompts: list[Conversation], *, max_new_tokens: int = 160,
             batch_size: int = 16, system_prompt: str | None = None,
             on_batch: Callable[[int], None] | None = None, forgetting: list[Conversation] | None = None,
             temperature: float = 0.0, seed: int | None = 0) -> Comparison:
     """Generate base and tuned answers for every prompt (and the forgetting set) and score both.
 
+    Each row's answer stops at ``max_new_tokens`` or at its own lower ``max_new_tokens`` field
+    (``answer_limits``).
     The forgetting set is answered with at most FORGETTING_MAX_NEW_TOKENS: its answers are checked
     for a keyword, which comes in the first sentence.
     """
@@ -184,9 +215,10 @@ def compare(model: Any, tokenizer: Any, prompts: list[Conversation], *, max_new_
     if forgetting:
         suites.append((FORGETTING, forgetting, min(max_new_tokens, FORGETTING_MAX_NEW_TOKENS)))
     for suite, convs, limit in suites:
-        base = generate_rows(model, tokenizer, convs, tuned=False, max_new_tokens=limit, **kw)
-        tuned = generate_rows(model, tokenizer, convs, tuned=True, max_new_tokens=limit, **kw)
-        rows += [scored_row(p, b, t, suite) for p, b, t in zip(convs, base, tuned, strict=True)]
+        limits = answer_limits(convs, limit)
+        base = generate_rows(model, tokenizer, convs, tuned=False, max_new_tokens=limits, **kw)
+        tuned = generate_rows(model, tokenizer, convs, tuned=True, max_new_tokens=limits, **kw)
+        rows += [scored_row(p, b, t, suite, tokenizer) for p, b, t in zip(convs, base, tuned, strict=True)]
     return summarize(rows)
 
 

@@ -11,6 +11,7 @@ import math
 import re
 import string
 from collections.abc import Sequence
+from typing import Any
 
 # ---- refusal --------------------------------------------------------------------------------------
 # A refusal is a first-person *decline* ("I can't help with that", "I'm sorry, but I won't ...",
@@ -121,20 +122,98 @@ def length_ok(text: str, min_words: int | None = None, max_words: int | None = N
 
 
 # ---- keywords and references ----------------------------------------------------------------------
-def _keyword_found(keyword: str | Sequence[str], low_text: str) -> bool:
-    """Whole-word, case-insensitive; a list is a set of alternatives ("USA" or "United States")."""
+# A keyword is found when the answer says it, in the forms a reader would accept (docs/evaluation.md):
+#
+# - case, curly quotes and punctuation around it do not matter; a hyphen or space inside a
+#   keyword matches either ("Berners-Lee" = "Berners Lee");
+# - a keyword of letters only, at least FORM_MIN_LETTERS long, also matches its regular inflections
+#   (plural and 3rd person -s/-es, possessive 's, past -ed, -ing), with English spelling (run -> running, make -> making, carry -> carries); a plural keyword also
+#   matches its singular ("plants" -> "plant"). Irregular forms (ran, mice) need an alternative.
+# - such a keyword of at least COMPOUND_MIN_LETTERS letters also matches as the tail of a closed
+#   compound whose head is a plausible word: 3+ letters with a vowel, not some/any/every
+#   ("light" in "sunlight" and "daylight", "water" in "underwater"), never as a head or in the
+#   middle ("light" not in "lightning" or "flight", "art" not in "start" or "heart");
+# - anything else (numbers, "CH4") is matched as a whole word only, so "4" is not found in "42".
+FORM_MIN_LETTERS = 3
+COMPOUND_MIN_LETTERS = 5
+_NOT_COMPOUND_HEADS = frozenset({"some", "any", "every"})  # somebody, anything, everywhere: other words
+_VOWELS = frozenset("aeiouy")
+_ES_AFTER = ("s", "x", "z", "ch", "sh", "o")  # box -> boxes, potato -> potatoes
+_ES_AFTER_PLURAL = tuple(e + "es" for e in _ES_AFTER)
+_WORD = re.compile(r"[^\W_]+(?:'s)?")  # words of letters and digits, with a possessive 's
+
+
+def word_forms(word: str) -> frozenset[str]:
+    """The regular inflections of a lowercase word: itself, -s/-es, 's, -ed/-d, -ing (a one-vowel
+    word doubles its last consonant: running, not "runed"; a silent e drops: making; y -> ie/i:
+    carries), and for a plural keyword its singular with the singular's forms ("plants" -> "plant")."""
+    bases = {word}
+    out: set[str] = set()
+    if len(word) > FORM_MIN_LETTERS and word.endswith("s") and not word.endswith(("ss", "us", "is")):
+        bases = {word[:-3] + "y" if word.endswith("ies") else word[:-1]}  # plants -> plant, cities -> city
+        if word.endswith(_ES_AFTER_PLURAL):
+            bases.add(word[:-2])  # boxes -> box
+        out.add(word)
+    for w in bases:
+        out |= {w, w + "s", w + "'s"}
+        if w.endswith(_ES_AFTER):
+            out.add(w + "es")  # boxes, potatoes; never "runes" for "run"
+        if len(w) > 1 and w.endswith("y") and w[-2] not in _VOWELS:
+            out |= {w[:-1] + "ies", w[:-1] + "ied"}  # carry -> carries, carried
+        if w.endswith("e"):
+            stems = {w[:-1]}  # make -> making, bake -> baked
+            out.add(w + "d")
+        elif len(w) >= 3 and w[-1] not in _VOWELS | {"w", "x"} and w[-2] in _VOWELS and w[-3] not in _VOWELS:
+            # Consonant-vowel-consonant: one vowel doubles (run -> running; "coded" is code's), longer
+            # words may or may not (visit -> visited, begin -> beginning).
+            stems = {w + w[-1]} if sum(c in _VOWELS for c in w) == 1 else {w, w + w[-1]}
+        else:
+            stems = {w}
+        out |= {s + suffix for s in stems for suffix in ("ed", "ing")}
+    return frozenset(out)
+
+
+def _is_compound_head(head: str) -> bool:
+    return len(head) >= 3 and bool(_VOWELS & set(head)) and head not in _NOT_COMPOUND_HEADS
+
+
+def _word_found(word: str, text_words: list[str]) -> bool:
+    forms = word_forms(word)
+    if any(w in forms for w in text_words):
+        return True
+    if len(word) < COMPOUND_MIN_LETTERS:
+        return False
+    return any(w.endswith(f) and _is_compound_head(w[: -len(f)]) for w in text_words for f in forms)
+
+
+def _keyword_found(keyword: str | Sequence[str], low_text: str, text_words: list[str]) -> bool:
+    """One keyword (or any of a list of alternatives: "USA" or "United States") in the lowercase text."""
     options = [keyword] if isinstance(keyword, str) else list(keyword)
     for k in options:
         k = _normalize_quotes(str(k)).lower().strip()
-        if k and re.search(r"(?<!\w)" + re.escape(k) + r"(?!\w)", low_text):
+        if not k:
+            continue
+        parts = re.split(r"[\s\-]+", k)
+        if len(parts) == 1 and k.isalpha() and len(k) >= FORM_MIN_LETTERS:
+            if _word_found(k, text_words):
+                return True
+        elif all(p.isalpha() for p in parts) and len(parts) > 1:
+            # A phrase: the words in order, any space or hyphen between; the last may be inflected.
+            head = r"[\s\-]+".join(map(re.escape, parts[:-1]))
+            last = "|".join(sorted(map(re.escape, word_forms(parts[-1])), key=len, reverse=True))
+            if re.search(rf"(?<!\w){head}[\s\-]+(?:{last})(?!\w)", low_text):
+                return True
+        elif re.search(r"(?<!\w)" + re.escape(k) + r"(?!\w)", low_text):
             return True
     return False
 
 
 def keywords_found(text: str, keywords: Sequence[str | Sequence[str]]) -> list[bool]:
-    """For each keyword, whether it appears in the text as a whole word (so "4" is not found in "42")."""
+    """For each keyword, whether the text says it (whole words, word forms and compound tails as
+    described above; so "light" is found in "sunlight" but "4" is not found in "42")."""
     low = _normalize_quotes(text).lower()
-    return [_keyword_found(k, low) for k in keywords]
+    words = [w for w in _WORD.findall(low) if w]
+    return [_keyword_found(k, low, words) for k in keywords]
 
 
 def keyword_recall(text: str, keywords: Sequence[str | Sequence[str]]) -> float:
@@ -146,6 +225,30 @@ def keyword_recall(text: str, keywords: Sequence[str | Sequence[str]]) -> float:
 def all_keywords(text: str, keywords: Sequence[str | Sequence[str]]) -> bool:
     """True if every keyword is found."""
     return all(keywords_found(text, keywords))
+
+
+OPENING_TOKENS = 30
+"""How much of an answer ``keywords_in_opening`` reads: about its first sentence."""
+
+
+def opening(text: str, limit: int = OPENING_TOKENS, tokenizer: Any | None = None) -> str:
+    """The start of an answer: its first ``limit`` tokens of ``tokenizer`` (a Hugging Face tokenizer,
+    the model's own), decoded back to text; without a tokenizer, its first ``limit`` words."""
+    if tokenizer is None:
+        return " ".join(text.split()[:limit])
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return text if len(ids) <= limit else tokenizer.decode(ids[:limit], skip_special_tokens=True)
+
+
+def keywords_in_opening(text: str, keywords: Sequence[str | Sequence[str]], limit: int = OPENING_TOKENS,
+                        tokenizer: Any | None = None) -> bool:
+    """True if every keyword is found (as ``keywords_found`` finds it) in the answer's first ``limit``
+    tokens (words without a tokenizer): the answer comes first, not after a long polite opener.
+
+    "Bonjour! France is the second largest European country ..." to "What is the capital of
+    France?" may name Paris eventually and still fail here.
+    """
+    return all(keywords_found(opening(text, limit, tokenizer), keywords))
 
 
 _PUNCT = str.maketrans("", "", string.punctuation)
@@ -195,6 +298,23 @@ def sentence_bleu(prediction: str, reference: str) -> float:
     import sacrebleu
 
     return float(sacrebleu.sentence_bleu(prediction, [reference]).score)
+
+
+# ---- uncertainty ----------------------------------------------------------------------------------
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    """The 95% Wilson score interval of a rate ``successes / n`` as (low, high); None when n is 0.
+
+    Unlike the normal approximation it stays inside [0, 1] and is sensible for small n and for
+    rates of 0 or 1, which a dozen prompts often give. ``successes`` may be fractional (a mean of
+    per-prompt scores in [0, 1], such as keyword recall): their variance is at most a yes/no
+    rate's with the same mean, so the interval is then conservative (wider than it need be).
+    """
+    if n <= 0:
+        return None
+    p = min(max(successes / n, 0.0), 1.0)
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 # ---- loss -----------------------------------------------------------------------------------------

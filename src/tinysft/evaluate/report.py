@@ -9,15 +9,19 @@ from pathlib import Path
 from typing import Any
 
 from tinysft.evaluate.compare import FORGETTING, PROMPTS, Comparison
+from tinysft.evaluate.compare import aggregate as aggregate_rows
 from tinysft.evaluate.report_html import to_html
 from tinysft.evaluate.summary import (
+    INTERVAL_RULE,
     METRIC_LABELS,
-    aggregate,
     category_focus,
     category_rows,
     cell_text,
+    figures_change,
     flips,
+    format_figure,
     format_value,
+    rates,
     summary_rows,
     tags,
 )
@@ -32,23 +36,24 @@ def to_markdown(comp: Comparison, title: str, meta: str = "") -> str:
     arrows = {"better": " ✅", "worse": " ⚠️"}
     for r in summary_rows(comp):
         lines.append(f"| {r.label} | {r.n} | {r.base} | {r.tuned} | {r.change}{arrows.get(r.verdict, '')} |")
+    lines += ["", INTERVAL_RULE]
     if comp.loss:
         lb = comp.loss["base"]
         lines += ["", f"Held-out loss is the mean cross-entropy over {lb['tokens']:,} answer tokens in {lb['rows']} "
                       "held-out conversations (perplexity = exp(loss))."]
     groups = category_rows(comp)
     if groups:
-        lines += ["", "## By category", "", "| Category | n | Measures | Base | Tuned | Refused (base → tuned) | Mean words (base → tuned) |",
-                  "|---|---:|---|---:|---:|---|---|"]
+        lines += ["", "## By category", "", "| Category | n | Measures | Base | Tuned | Change | Refused (base → tuned) | "
+                  "Mean words (base → tuned) |", "|---|---:|---|---:|---:|---:|---|---|"]
         for cat, rows in groups:
             key, label, better = category_focus(rows)
             arrow = {"higher": " ↑", "lower": " ↓"}.get(better or "", "")
-            fb, ft = aggregate(rows, "base", key), aggregate(rows, "tuned", key)
-            rb, rt = aggregate(rows, "base", "refusal_rate"), aggregate(rows, "tuned", "refusal_rate")
-            wb, wt = aggregate(rows, "base", "mean_words"), aggregate(rows, "tuned", "mean_words")
-            lines.append(f"| {cat} | {len(rows)} | {label}{arrow} | {format_value(key, fb)} | {format_value(key, ft)} | "
-                         f"{format_value('refusal_rate', rb)} → {format_value('refusal_rate', rt)} | "
-                         f"{format_value('mean_words', wb)} → {format_value('mean_words', wt)} |")
+            fb, ft = aggregate_rows(rows, "base"), aggregate_rows(rows, "tuned")
+            text, verdict = figures_change(key, fb, ft, better)
+            lines.append(f"| {cat} | {len(rows)} | {label}{arrow} | {format_figure(fb, key)} | {format_figure(ft, key)} | "
+                         f"{text}{arrows.get(verdict, '')} | {format_figure(fb, 'refusal_rate')} → "
+                         f"{format_figure(ft, 'refusal_rate')} | "
+                         f"{format_value('mean_words', fb.get('mean_words'))} → {format_value('mean_words', ft.get('mean_words'))} |")
     flipped = flips(comp)
     lines += ["", "## Examples that flipped", ""]
     if not flipped:
@@ -90,7 +95,9 @@ def _meta(run_dir: Path | None, config: dict[str, Any] | None, comp: Comparison,
 
 def report_data(comp: Comparison, title: str, config: dict[str, Any] | None = None,
                 manifest: dict[str, Any] | None = None, created: str = "") -> dict[str, Any]:
-    """Everything in report.json: metrics.base / metrics.tuned, per-category figures, every row, the flips."""
+    """Everything in report.json: metrics.base / metrics.tuned (plain numbers, with ``n_<figure>``),
+    ``rates`` (each rate as {rate, n, low, high} and each change's verdict, overall and per
+    category), per-category figures, every row, the flips."""
     flipped = flips(comp)
     row_flips: dict[int, list[dict[str, Any]]] = {}
     for f in flipped:
@@ -100,6 +107,7 @@ def report_data(comp: Comparison, title: str, config: dict[str, Any] | None = No
         "title": title,
         "created": created,
         "metrics": comp.metrics,
+        "rates": rates(comp),
         "metric_labels": METRIC_LABELS,
         "loss": comp.loss,
         "by_category": comp.by_category,

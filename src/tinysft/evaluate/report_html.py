@@ -12,16 +12,20 @@ from pathlib import Path
 from typing import Any
 
 from tinysft.evaluate.compare import Comparison
+from tinysft.evaluate.compare import aggregate as aggregate_rows
 from tinysft.evaluate.summary import (
+    INTERVAL_RULE,
     METRICS,
     SHOWN_PER_FLIP,
     Flip,
-    aggregate,
+    Rate,
     category_focus,
     category_rows,
-    change,
+    figures_change,
     flips,
+    format_figure,
     format_value,
+    rate_of,
     summary_rows,
 )
 
@@ -84,21 +88,32 @@ def loss_plot(history: list[dict[str, Any]], loss: dict[str, dict[str, Any]] | N
     return png
 
 
-def _bars(title: str, labels: list[str], base: list[float], tuned: list[float], xlabel: str) -> str:
-    """Horizontal grouped bars (base grey, tuned blue), values printed at the bar ends; reads on a phone."""
+def _whiskers(values: list[float], intervals: list[Rate | None]) -> list[list[float]]:
+    """matplotlib's xerr ([[below...], [above...]]) for the 95% intervals; 0 where a bar has none."""
+    return [[v - r.low if r else 0.0 for v, r in zip(values, intervals, strict=True)],
+            [r.high - v if r else 0.0 for v, r in zip(values, intervals, strict=True)]]
+
+
+def _bars(title: str, labels: list[str], base: list[float], tuned: list[float], xlabel: str,
+          intervals: tuple[list[Rate | None], list[Rate | None]] | None = None) -> str:
+    """Horizontal grouped bars (base grey, tuned blue), values printed at the bar ends, the 95%
+    intervals as whiskers when given; reads on a phone."""
     plt = _pyplot()
     n = len(labels)
     fig, ax = plt.subplots(figsize=(6, 0.62 * n + 1.3))
     ys = list(range(n))[::-1]
     h = 0.38
-    ax.barh([y + h / 2 for y in ys], base, h, color=BASE_COLOR, label="base")
-    ax.barh([y - h / 2 for y in ys], tuned, h, color=TUNED_COLOR, label="tuned")
-    for y, v in zip(ys, base, strict=True):
-        ax.text(v + 0.01, y + h / 2, f"{100 * v:.0f}%", va="center", fontsize=11, color="#475569")
-    for y, v in zip(ys, tuned, strict=True):
-        ax.text(v + 0.01, y - h / 2, f"{100 * v:.0f}%", va="center", fontsize=11, color="#1e3a8a", fontweight="bold")
+    ib, it = intervals or ([None] * n, [None] * n)
+    whisker = {"ecolor": "#334155", "capsize": 3, "error_kw": {"lw": 1}}
+    ax.barh([y + h / 2 for y in ys], base, h, color=BASE_COLOR, label="base", xerr=_whiskers(base, ib), **whisker)
+    ax.barh([y - h / 2 for y in ys], tuned, h, color=TUNED_COLOR, label="tuned", xerr=_whiskers(tuned, it), **whisker)
+    for y, v, r in zip(ys, base, ib, strict=True):
+        ax.text((r.high if r else v) + 0.015, y + h / 2, f"{100 * v:.0f}%", va="center", fontsize=11, color="#475569")
+    for y, v, r in zip(ys, tuned, it, strict=True):
+        ax.text((r.high if r else v) + 0.015, y - h / 2, f"{100 * v:.0f}%", va="center", fontsize=11,
+                color="#1e3a8a", fontweight="bold")
     ax.set_yticks(ys, labels)
-    ax.set_xlim(0, 1.15)
+    ax.set_xlim(0, 1.2)
     ax.set_xticks([0, 0.25, 0.5, 0.75, 1.0], ["0", "25%", "50%", "75%", "100%"])
     ax.set_xlabel(xlabel)
     ax.set_title(title)
@@ -117,23 +132,30 @@ def category_plots(comp: Comparison) -> list[tuple[str, str]]:
         return []
     out = []
     labels, base, tuned = [], [], []
+    ib: list[Rate | None] = []
+    it: list[Rate | None] = []
     for cat, rows in groups:
         key, label, better = category_focus(rows)
-        fb, ft = aggregate(rows, "base", key), aggregate(rows, "tuned", key)
-        if fb is None or ft is None:
+        fb, ft = aggregate_rows(rows, "base"), aggregate_rows(rows, "tuned")
+        if fb.get(key) is None or ft.get(key) is None:
             continue
         arrow = {"higher": " ↑", "lower": " ↓"}.get(better or "", "")
         labels.append(f"{cat}\n{label}{arrow}")
-        base.append(fb)
-        tuned.append(ft)
+        base.append(fb[key])
+        tuned.append(ft[key])
+        ib.append(rate_of(fb, key))
+        it.append(rate_of(ft, key))
     if labels:
-        out.append(("What each category measures, base vs tuned (↑ higher is better, ↓ lower is better)",
-                    _bars("Per category", labels, base, tuned, "share of prompts")))
+        out.append(("What each category measures, base vs tuned, with 95% intervals (↑ higher is better, ↓ lower "
+                    "is better)", _bars("Per category", labels, base, tuned, "share of prompts", (ib, it))))
     if len(groups) > 1:
-        rb = [aggregate(rows, "base", "refusal_rate") or 0.0 for _, rows in groups]
-        rt = [aggregate(rows, "tuned", "refusal_rate") or 0.0 for _, rows in groups]
-        out.append(("How often each category is refused (harmful prompts should be; the rest should not)",
-                    _bars("Refusals by category", [c for c, _ in groups], rb, rt, "answers that refuse")))
+        sides = {side: [aggregate_rows(rows, side) for _, rows in groups] for side in ("base", "tuned")}
+        rb = [f.get("refusal_rate") or 0.0 for f in sides["base"]]
+        rt = [f.get("refusal_rate") or 0.0 for f in sides["tuned"]]
+        intervals = ([rate_of(f, "refusal_rate") for f in sides["base"]], [rate_of(f, "refusal_rate") for f in sides["tuned"]])
+        out.append(("How often each category is refused, with 95% intervals (harmful prompts should be; the rest "
+                    "should not)", _bars("Refusals by category", [c for c, _ in groups], rb, rt, "answers that refuse",
+                                         intervals)))
     return out
 
 
@@ -159,7 +181,8 @@ th{font-size:.85rem;color:var(--muted);font-weight:600}
 td.num,th.num{text-align:right;white-space:nowrap}
 .chg{font-size:.85rem;white-space:nowrap;border-radius:6px;padding:1px 6px}
 .better{color:#166534;background:#dcfce7}.worse{color:#991b1b;background:#fee2e2}
-.same,.neutral{color:var(--muted)}
+.same,.neutral,.unclear{color:var(--muted)}
+.tile .ci{color:var(--muted);font-size:.8rem;font-variant-numeric:tabular-nums}
 .charts{display:grid;grid-template-columns:repeat(auto-fit,minmax(340px,1fr));gap:8px 20px;align-items:start}
 figure{margin:14px 0}figure img{width:100%;height:auto;display:block}
 figcaption{color:var(--muted);font-size:.85rem}
@@ -196,6 +219,8 @@ def _flag_tags(flags: dict[str, Any], expect_refusal: bool) -> str:
     if "keywords_all" in flags:
         tags.append("<span class='tag ok'>keywords ✓</span>" if flags["keywords_all"] else
                     f"<span class='tag bad'>missing: {e(', '.join(flags['keywords_missing']))}</span>")
+        if flags["keywords_all"] and flags.get("keywords_in_opening") is False:
+            tags.append("<span class='tag'>keywords after the first 30 tokens</span>")
     if "length_ok" in flags:
         tags.append(f"<span class='tag {'ok' if flags['length_ok'] else 'bad'}'>length {'ok' if flags['length_ok'] else '✗'}</span>")
     if "rouge_l" in flags:
@@ -227,10 +252,13 @@ def _tiles(comp: Comparison) -> str:
     for m in METRICS:
         if m.better is None or m.key not in b or m.key not in t or m.key == "keyword_recall":
             continue
-        text, verdict = change(m.key, b[m.key], t[m.key])
+        text, verdict = figures_change(m.key, b, t)
+        rb, rt = rate_of(b, m.key), rate_of(t, m.key)
+        ci = (f"<div class='ci'>n {rb.n} · 95% {rb.interval_text()} → {rt.interval_text()}</div>"
+              if rb and rt and rb.n == rt.n else "")
         out.append(f"<div class='tile'><div class='k'>{html.escape(m.label)}</div><div class='v'>"
                    f"<span class='from'>{format_value(m.key, b[m.key])} →</span> {format_value(m.key, t[m.key])} "
-                   f"<span class='chg {verdict}'>{html.escape(text)}</span></div></div>")
+                   f"<span class='chg {verdict}'>{html.escape(text)}</span></div>{ci}</div>")
     return f"<div class='tiles'>{''.join(out[:6])}</div>" if out else ""
 
 
@@ -266,14 +294,14 @@ def to_html(comp: Comparison, title: str, run_dir: Path | None, meta: str = "",
     cat_rows = []
     for cat, rows in category_rows(comp):
         key, label, better = category_focus(rows)
-        fb, ft = aggregate(rows, "base", key), aggregate(rows, "tuned", key)
-        text, verdict = change(key, fb, ft, better)  # the category's direction: refusals down is good on lookalikes
-        rb, rt = aggregate(rows, "base", "refusal_rate"), aggregate(rows, "tuned", "refusal_rate")
+        fb, ft = aggregate_rows(rows, "base"), aggregate_rows(rows, "tuned")
+        text, verdict = figures_change(key, fb, ft, better)  # the category's direction: refusals down is good on lookalikes
         arrow = {"higher": " ↑", "lower": " ↓"}.get(better or "", "")
         cat_rows.append(f"<tr><td>{e(cat)}<br><small>{e(label + arrow)}</small></td><td class='num'>{len(rows)}</td>"
-                        f"<td class='num'>{format_value(key, fb)}</td><td class='num'>{format_value(key, ft)}</td>"
+                        f"<td class='num'>{e(format_figure(fb, key))}</td><td class='num'>{e(format_figure(ft, key))}</td>"
                         f"<td class='num'><span class='chg {verdict}'>{e(text)}</span></td>"
-                        f"<td class='num wide'>{format_value('refusal_rate', rb)} → {format_value('refusal_rate', rt)}</td></tr>")
+                        f"<td class='num wide'>{e(format_figure(fb, 'refusal_rate'))} → "
+                        f"{e(format_figure(ft, 'refusal_rate'))}</td></tr>")
     categories = ("<h2>By category</h2><p class='meta'>Each category's own measure (↑ higher is better, ↓ lower is "
                   "better).</p><div class='scroll'><table><tr><th>Category</th><th class='num'>n</th>"
                   "<th class='num'>Base</th><th class='num'>Tuned</th><th class='num'>Change</th>"
@@ -320,6 +348,7 @@ def to_html(comp: Comparison, title: str, run_dir: Path | None, meta: str = "",
 {_tiles(comp)}
 <h2>Summary</h2>
 <div class="scroll"><table><tr><th>Metric</th><th class="num">n</th><th class="num">Base</th><th class="num">Tuned</th><th class="num">Change</th></tr>{summary}</table></div>
+<p class="meta">{e(INTERVAL_RULE)}</p>
 {loss_note}
 {plots}
 {categories}
@@ -328,7 +357,8 @@ def to_html(comp: Comparison, title: str, run_dir: Path | None, meta: str = "",
 {''.join(sections)}
 {extra}
 <footer>Written by tinysft. Base = the same model with the LoRA adapter disabled. Refusal and politeness are
-regex / phrase heuristics; keywords are whole-word, case-insensitive matches (see docs/evaluation.md).</footer>
+regex / phrase heuristics; a keyword counts in its regular word forms (plural, -ed, -ing) and as the tail of a
+compound (light in sunlight), never inside another word (see docs/evaluation.md).</footer>
 </body></html>
 """
 
