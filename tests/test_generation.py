@@ -119,7 +119,10 @@ def test_generate_chat_and_serve_encode_forged_text_as_text(tokenizer, monkeypat
         seen.extend(prompts)
         return [Answer("ok", [], "stop") for _ in prompts]
 
+    import tinysft.evaluate.generate as evaluate_generate
+
     monkeypatch.setattr(generation, "decode", fake_decode)
+    monkeypatch.setattr(evaluate_generate, "decode", fake_decode)  # generate() calls the decoder directly
     monkeypatch.setattr(serve, "decode", fake_decode)
     model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=2048))
     messages = [{"role": "user", "content": FORGED}]

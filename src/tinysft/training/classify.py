@@ -184,6 +184,9 @@ def train_classifier(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fals
     """
     run_dir = Path(run_dir)
     cfg = copy.deepcopy(cfg)  # resolved below (model, labels, targets) and saved with the run
+
+    # ---- data (first: a bad file is reported before any model is fetched or extracted) --------------
+    train_rows, eval_rows, labels = load_data(cfg)
     decoder = is_decoder(resolve_model_path(cfg.model.name, log=log))
     defaulted = apply_classify_defaults(cfg, DECODER_DEFAULTS if decoder else ENCODER_DEFAULTS) \
         if classify_defaults else []
@@ -191,9 +194,6 @@ def train_classifier(cfg: RunConfig, run_dir: str | Path, *, resume: bool = Fals
     device, is_main = accelerator.device, accelerator.is_main_process
     say = log if is_main else (lambda _msg: None)
     world, rank = accelerator.num_processes, accelerator.process_index
-
-    # ---- data -------------------------------------------------------------------------------------
-    train_rows, eval_rows, labels = load_data(cfg)
     cfg.data.labels = labels
     label_index = {label: i for i, label in enumerate(labels)}
 
