@@ -214,7 +214,9 @@ def test_eval_cli(tiny_run, prompt_file: Path, tmp_path: Path) -> None:
 
 
 
-def screenshot(browser: str, page: Path, png: Path, width: int, height: int = 1800) -> None:
+def screenshot(browser: str, page: Path, png: Path, width: int, height: int = 4000) -> None:
+    # 4000 px: at phone width (412) the tables, with n and intervals in every cell, push the charts
+    # below 1800 px, and the tuned-blue check then saw only text.
     cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
            f"--user-data-dir={png.parent / ('profile-' + png.stem)}", f"--screenshot={png}",
