@@ -255,8 +255,8 @@ def decode(model: Any, tokenizer: Any, prompts: list[list[int]], sampling: Sampl
     decode_text = _text_decoder(tokenizer)
     use_fast = engine == "fast" or (engine == "auto" and decode_llama.supported(model))
     longest = max((len(p) + s.max_new_tokens for p, s in zip(prompts, settings, strict=True)), default=1)
-    backend: Any = (decode_llama.FastBackend(model, batch_size, longest, dtype) if use_fast
-                    else decode_llama.WaveBackend(model, batch_size, _pad_id(tokenizer)))
+    backend: Any = (decode_llama.FastBackend(model, batch_size, longest, dtype, prefix=shared_prefix(prompts))
+                    if use_fast else decode_llama.WaveBackend(model, batch_size, _pad_id(tokenizer)))
     rows = [_Row(i, s, on_text) for i, s in enumerate(settings)]
     # Longest prompts first: their prefill is done while the batch is full, and the fixed waves of
     # the transformers engine pad little when neighbours have similar lengths.
@@ -301,6 +301,24 @@ def decode(model: Any, tokenizer: Any, prompts: list[list[int]], sampling: Sampl
             if fed:
                 active = dict(zip(fed, backend.step(fed, tokens), strict=True))
     return [r.answer(decode_text) for r in rows]
+
+
+SHARED_PREFIX_MIN = 4
+"""Shorter common prefixes are not worth a cache of their own."""
+
+
+def shared_prefix(prompts: list[list[int]]) -> list[int]:
+    """The token ids every prompt starts with, leaving each prompt at least one token of its own (its
+    last position gives the first answer token's logits); [] for fewer than two prompts or a prefix
+    under SHARED_PREFIX_MIN tokens. For chat prompts this is the template's system turn and the
+    start of the user turn, computed once per decode instead of once per prompt."""
+    if len(prompts) < 2:
+        return []
+    first = prompts[0]
+    n = min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        n = next((i for i in range(n) if p[i] != first[i]), n)
+    return list(first[:n]) if n >= SHARED_PREFIX_MIN else []
 
 
 def _pad_id(tokenizer: Any) -> int:

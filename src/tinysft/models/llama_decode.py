@@ -27,6 +27,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tinysft.models.load import fast_bf16_available
+
 LLAMA_SHAPED = ("llama", "mistral", "qwen2")
 """Architectures whose layers are pre-norm RMSNorm + rotary GQA attention + SwiGLU MLP."""
 
@@ -181,23 +183,57 @@ def _rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     return q * cos + rotate(q) * sin, k * cos + rotate(k) * sin
 
 
-def decode_dtype(model: Any) -> torch.dtype:
-    """The dtype ``FastBackend`` decodes in unless told: float32 on a CPU (whatever the model is
-    stored in), the model's own dtype on a GPU.
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+    """Attention of queries q [B, q_heads, T, D] at positions q_pos [B, T] over cached keys and
+    values k, v [B, kv_heads, W, D] at positions 0..W-1: each query sees the keys at or before its
+    own position. Grouped-query heads share their kv head (head h reads kv head h // group, as
+    transformers' repeat_kv); scores and softmax in float32. Returns [B, q_heads, T, D].
 
-    On a CPU, fp32 keeps every answer independent of the batch it was decoded in (bf16 matmuls
-    round differently for different batch shapes and flip near-ties, so chat and eval could give
-    different greedy answers to one prompt), and bf16 does not buy enough decode speed to pay for
-    that (docs/benchmarks.md, "Decoding"). A bf16-stored base is upcast exactly.
+    Written out rather than ``scaled_dot_product_attention`` with a mask: for one new token per row
+    over a ragged cache, torch's CPU kernel for masked attention spent ~4 ms per layer in bf16 (a
+    third of a 64-row decode step) where these two batched matmuls take ~1 ms (docs/benchmarks.md,
+    "Decoding").
+    """
+    b, hq, t, d = q.shape
+    hkv, width = k.shape[1], k.shape[2]
+    group = hq // hkv
+    scores = torch.matmul(q.reshape(b, hkv, group * t, d), k.transpose(-1, -2)).float() * d ** -0.5
+    hidden = torch.arange(width, device=q.device)[None, None, :] > q_pos[:, :, None]  # [B, T, W]
+    scores.masked_fill_(hidden[:, None, None].expand(b, 1, group, t, width).reshape(b, 1, group * t, width),
+                        float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)  # [B, kv_heads, group * T, D]
+    return out.view(b, hq, t, d)
+
+
+def decode_dtype(model: Any) -> torch.dtype:
+    """The dtype ``FastBackend`` decodes in unless told: the model's own dtype on a GPU; on a CPU,
+    bfloat16 when the model is stored in it and this CPU has fast bf16 matmuls
+    (``models.load.fast_bf16_available``: what ``model.dtype: auto`` loads in), else float32.
+
+    bf16 halves the bytes of weights and KV cache read per step, which is what a decode step on a
+    CPU waits for; on an AVX512-BF16 CPU a 64-row step took half the time of fp32's. The price: bf16
+    matmuls round differently for different batch shapes, so a greedy answer can flip at a near-tie
+    depending on the batch it was decoded in (chat and eval may then differ after some tokens).
+    fp32 keeps every answer independent of its batch: load the model in float32 (``model.dtype``)
+    or set ``TINYSFT_FAST_BF16=0``. An fp16 model, or bf16 on a CPU without fast bf16, decodes in
+    fp32 (upcast exactly).
     """
     weight = _inner(model).get_input_embeddings().weight
-    return torch.float32 if weight.device.type == "cpu" else weight.dtype
+    if weight.device.type != "cpu":
+        return weight.dtype
+    return torch.bfloat16 if weight.dtype == torch.bfloat16 and fast_bf16_available("cpu") else torch.float32
 
 
 class FastBackend:
-    """Continuous batching over ``slots`` rows with a per-row KV cache (see the module docstring)."""
+    """Continuous batching over ``slots`` rows with a per-row KV cache (see the module docstring).
 
-    def __init__(self, model: Any, slots: int, max_tokens: int, dtype: torch.dtype | None = None) -> None:
+    ``prefix``: token ids that every prompt admitted starts with (for chat prompts, the template's
+    system turn). Its keys and values are computed once and copied into each slot, so a prompt's
+    prefill runs only over its own tokens.
+    """
+
+    def __init__(self, model: Any, slots: int, max_tokens: int, dtype: torch.dtype | None = None,
+                 prefix: list[int] | None = None) -> None:
         device = next(model.parameters()).device
         self.dtype = dtype or decode_dtype(model)
         self.w = weights_for(model, self.dtype)
@@ -209,13 +245,17 @@ class FastBackend:
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)  # tokens cached per slot
         self.slot_of: dict[int, int] = {}
         self.row_at: list[int] = []  # row in each active slot; the active slots are 0..len-1
+        self.prefix: list[int] = []
+        self.prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if prefix:
+            self._cache_prefix(list(prefix))
 
     def free_slots(self) -> int:
         return self.slots - len(self.row_at)
 
-    def _layers(self, x: torch.Tensor, pos: torch.Tensor, write: Any, attend: Any) -> torch.Tensor:
+    def _layers(self, x: torch.Tensor, pos: torch.Tensor, write: Any, attend_to: Any) -> torch.Tensor:
         """Run every layer on x [B, T, hidden] at positions pos [B, T]; ``write(l, k, v)`` stores the
-        new keys / values, ``attend(l, q)`` returns attention outputs [B, q_heads, T, D]."""
+        new keys / values, ``attend_to(l, q)`` returns attention outputs [B, q_heads, T, D]."""
         w = self.w
         b, t, _ = x.shape
         cos, sin = w.rotary(x, pos)
@@ -226,7 +266,7 @@ class FastBackend:
             k = k.view(b, t, w.kv_heads, w.head_dim).transpose(1, 2)
             q, k = _rope(q, k, cos.to(q.dtype), sin.to(q.dtype))
             write(i, k, v.view(b, t, w.kv_heads, w.head_dim).transpose(1, 2))
-            a = attend(i, q).transpose(1, 2).reshape(b, t, w.q_heads * w.head_dim)
+            a = attend_to(i, q).transpose(1, 2).reshape(b, t, w.q_heads * w.head_dim)
             x = x + F.linear(a, lw.o, lw.o_bias)
             gate, up = F.linear(_rms(x, lw.ln2, w.eps), lw.gate_up).chunk(2, dim=-1)
             x = x + F.linear(F.silu(gate) * up, lw.down)
@@ -235,30 +275,66 @@ class FastBackend:
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(_rms(x, self.w.norm, self.w.eps), self.w.head, self.w.head_bias).float()
 
+    def _cache_prefix(self, prefix: list[int]) -> None:
+        """Keys and values of ``prefix`` [1, kv_heads, P, D] per layer, for ``admit`` to copy."""
+        n = len(prefix)
+        pos = torch.arange(n, device=self.device)[None]
+        kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def write(i: int, k: torch.Tensor, v: torch.Tensor) -> None:
+            kv.append((k.contiguous(), v.contiguous()))
+
+        def attend_to(i: int, q: torch.Tensor) -> torch.Tensor:
+            return attend(q, *kv[i], pos)
+
+        self._layers(self.w.embed[torch.tensor([prefix], device=self.device)], pos, write, attend_to)
+        self.prefix, self.prefix_kv = prefix, kv
+
     def admit(self, items: list[tuple[int, list[int]]]) -> list[torch.Tensor]:
-        """Prefill each prompt into a free slot, one at a time (no padding); logits [vocab] of each
-        prompt's last position."""
-        out = []
-        gqa = self.w.q_heads != self.w.kv_heads
-        for row, prompt in items:
-            slot = len(self.row_at)
-            self.slot_of[row] = slot
+        """Prefill the prompts into free slots, all in one forward pass; logits [vocab] of each
+        prompt's last position.
+
+        A prompt that starts with the shared prefix gets the prefix's keys and values copied into its
+        slot and is prefilled from there on. The prompts' remaining tokens are right-padded to the
+        longest; padding positions are neither stored nor read (only a row's own positions are
+        written to its slot, and each query sees keys up to its own position).
+        """
+        if not items:
+            return []
+        first = len(self.row_at)
+        p = len(self.prefix)
+        starts, lengths = [], []
+        for j, (row, prompt) in enumerate(items):
+            self.slot_of[row] = first + j
             self.row_at.append(row)
-            ids = torch.tensor([prompt], device=self.device)
-            n = ids.shape[1]
+            start = p if p and len(prompt) > p and prompt[:p] == self.prefix else 0
+            for i, (k, v) in enumerate(self.prefix_kv if start else []):
+                self.k[i][first + j, :, :start] = k[0]
+                self.v[i][first + j, :, :start] = v[0]
+            starts.append(start)
+            lengths.append(len(prompt) - start)
+        b, t = len(items), max(lengths)
+        ids = torch.zeros((b, t), dtype=torch.long)
+        for j, ((_, prompt), start) in enumerate(zip(items, starts, strict=True)):
+            ids[j, : lengths[j]] = torch.tensor(prompt[start:])
+        start_t = torch.tensor(starts, device=self.device)
+        pos = start_t[:, None] + torch.arange(t, device=self.device)[None]  # [b, t]
+        real = torch.arange(t, device=self.device)[None] < torch.tensor(lengths, device=self.device)[:, None]
+        row_idx, col_idx = real.nonzero(as_tuple=True)  # a row's own tokens, not its padding
+        slot_idx, pos_idx = row_idx + first, pos[row_idx, col_idx]
+        width = int((start_t + torch.tensor(lengths, device=self.device)).max())
 
-            def write(i: int, k: torch.Tensor, v: torch.Tensor, slot: int = slot, n: int = n) -> None:
-                self.k[i][slot, :, :n] = k[0]
-                self.v[i][slot, :, :n] = v[0]
+        def write(i: int, k: torch.Tensor, v: torch.Tensor) -> None:
+            self.k[i][slot_idx, :, pos_idx] = k.transpose(1, 2)[row_idx, col_idx]
+            self.v[i][slot_idx, :, pos_idx] = v.transpose(1, 2)[row_idx, col_idx]
 
-            def attend(i: int, q: torch.Tensor, slot: int = slot, n: int = n) -> torch.Tensor:
-                k, v = self.k[i][slot : slot + 1, :, :n], self.v[i][slot : slot + 1, :, :n]
-                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        def attend_to(i: int, q: torch.Tensor) -> torch.Tensor:
+            return attend(q, self.k[i][first : first + b, :, :width], self.v[i][first : first + b, :, :width], pos)
 
-            x = self._layers(self.w.embed[ids], torch.arange(n, device=self.device)[None], write, attend)
-            self.lengths[slot] = n
-            out.append(self._logits(x[0, -1]))
-        return out
+        x = self._layers(self.w.embed[ids.to(self.device)], pos, write, attend_to)
+        last = torch.tensor(lengths, device=self.device) - 1
+        self.lengths[first : first + b] = start_t + last + 1
+        return list(self._logits(x[torch.arange(b, device=self.device), last]))
 
     def step(self, rows: list[int], tokens: list[int]) -> list[torch.Tensor]:
         """Feed one token to every active row (``rows`` must be all of them); logits [vocab] each."""
@@ -270,19 +346,16 @@ class FastBackend:
         fed[slots] = torch.tensor(tokens, device=self.device)
         pos = self.lengths[:n].clone()  # where each slot's new token goes
         width = int(pos.max()) + 1
-        mask = (torch.arange(width, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]  # [n,1,1,width]
         every = torch.arange(n, device=self.device)
-        gqa = self.w.q_heads != self.w.kv_heads
 
         def write(i: int, k: torch.Tensor, v: torch.Tensor) -> None:
             self.k[i][every, :, pos] = k[:, :, 0]
             self.v[i][every, :, pos] = v[:, :, 0]
 
-        def attend(i: int, q: torch.Tensor) -> torch.Tensor:
-            return F.scaled_dot_product_attention(q, self.k[i][:n, :, :width], self.v[i][:n, :, :width],
-                                                  attn_mask=mask, enable_gqa=gqa)
+        def attend_to(i: int, q: torch.Tensor) -> torch.Tensor:
+            return attend(q, self.k[i][:n, :, :width], self.v[i][:n, :, :width], pos[:, None])
 
-        x = self._layers(self.w.embed[fed][:, None], pos[:, None], write, attend)
+        x = self._layers(self.w.embed[fed][:, None], pos[:, None], write, attend_to)
         self.lengths[:n] += 1
         logits = self._logits(x[:, 0])
         return list(logits[slots])
