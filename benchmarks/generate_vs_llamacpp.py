@@ -196,7 +196,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=0, help="use only the first N prompts (0: all)")
     ap.add_argument("--threads", type=int, default=0, help="torch and llama.cpp threads (0: torch's default)")
     ap.add_argument("--max-new-tokens", type=int, default=160)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--hf-prompts", type=int, default=48, help="prompts for the (slow) transformers loop")
     ap.add_argument("--llama-prompts", type=int, default=10**6, help="prompts for llama.cpp (default: all)")
     ap.add_argument("--gguf", default="", help="f16 GGUF of the run (default: exported next to --out)")

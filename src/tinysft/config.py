@@ -215,8 +215,8 @@ class EvalConfig:
     """Prompt files (JSONL rows with `prompt` or `messages`) answered by base and tuned."""
     max_new_tokens: int = 160
     """Longest generated answer."""
-    batch_size: int = 16
-    """Prompts generated together (left-padded)."""
+    batch_size: int = 64
+    """Answers decoded together (continuous batching: a finished answer's row takes the next prompt)."""
     temperature: float = 0.0
     """0 = greedy decoding (reproducible)."""
 
