@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 
 from conftest import write_jsonl
-from tinysft.data.formats import to_conversation
+from tinysft.data.formats import Conversation, RowProblem, to_conversation
 from tinysft.data.validate import (
     DataError,
     Problem,
+    check_turns,
     load_conversations,
     load_labeled,
     load_prompts,
@@ -235,3 +236,88 @@ def test_a_data_error_shows_twenty_problems_then_counts_the_rest(count: int, las
     lines = str(error).splitlines()
     assert len(lines) == min(count, 20) + (count > 20) and lines[-1] == last
     assert len(error.problems) == count
+
+
+# ---- read_rows: file-level and line-level problems -------------------------------------------------
+@pytest.mark.parametrize(("name", "make", "problem"), [
+    ("nope.jsonl", None, "(file): does not exist — check the path"),
+    ("folder", "dir", "(file): is a folder, not a file — pass a .jsonl file"),
+    ("nope.parquet", None, "(file): does not exist — check the path"),  # a table source: its own reader says so
+    ("empty.jsonl", " \n\n", "(file): is empty — add one JSON object per line"),
+    ("empty.CSV", "\n", "(file): is empty — add a header row (text,label) and one row per line"),
+])
+def test_file_problems_name_the_file_and_the_fix(tmp_path: Path, name: str, make: str | None, problem: str) -> None:
+    f = tmp_path / name
+    if make == "dir":
+        f.mkdir()
+    elif make is not None:
+        f.write_text(make)
+    assert rows_and_problems(f) == ([], [f"{f}: {problem}"])
+
+
+def test_a_hub_name_without_owner_is_a_file_problem() -> None:
+    problems: list[Problem] = []
+    assert read_rows("hf:no-slash", problems) == []
+    assert [str(p) for p in problems] == ["hf:no-slash: (file): hf:no-slash is not a hub dataset name — write "
+                                          "hf:OWNER/NAME or hf:OWNER/NAME:SPLIT"]
+
+
+def test_line_problems_name_the_line_and_the_rest_are_read(tmp_path: Path) -> None:
+    f = tmp_path / "rows.jsonl"
+    f.write_bytes(b"\xef\xbb\xbf" + LINE.encode()  # a byte-order mark is dropped
+                  + b'{"prompt": "caf\xe9", "response": "b"}\r\n'
+                  + b'{"prompt": "a", "response": }\n'
+                  + b"\r\n  \n"  # blank lines are skipped
+                  + b'{"prompt": "' + b"x" * 9_000_000 + b'", "response": "b"}\n'
+                  + LINE.encode())
+    rows, problems = rows_and_problems(f)
+    assert rows == [(1, ROW), (7, ROW)]
+    assert problems == [
+        f"{f}:2: (line): is not valid UTF-8 (byte 15) — re-save the file as UTF-8",
+        f"{f}:3: (line): is not valid JSON (Expecting value at column 29) — fix the JSON on this line; each line must "
+        "be one complete object",
+        f"{f}:6: (line): is 9 MB long — split it: one conversation per line, each well under 8 MB"]
+
+
+def test_a_line_of_exactly_8_mib_is_read(tmp_path: Path) -> None:
+    head, tail = b'{"prompt": "', b'", "response": "b"}'
+    f = tmp_path / "rows.jsonl"
+    f.write_bytes(head + b"x" * (8 * 1024 * 1024 - len(head) - len(tail)) + tail + b"\n")
+    rows, problems = rows_and_problems(f)
+    assert problems == [] and [line for line, _ in rows] == [1]
+
+
+# ---- check_turns: one rule each, with the message index it names ---------------------------------
+def _turns(*spec: str) -> list[dict[str, str]]:
+    """Messages from "role" or "role=content" (content defaults to the role's name)."""
+    return [{"role": r, "content": c or r} for r, _, c in (x.partition("=") for x in spec)]
+
+
+@pytest.mark.parametrize(("messages", "field", "what", "fix"), [
+    ([], "messages", "is empty", "add at least one user and one assistant message"),
+    (_turns("user", "system", "assistant"), "messages[1].role", "system message after the first turn",
+     "put the system message first"),
+    (_turns("user= \n", "assistant"), "messages[0].content", "user message is empty", "write its text, or drop the row"),
+    (_turns("system", "user", "assistant", "user", "assistant=\t"), "messages[4].content", "assistant message is empty",
+     "write its text, or drop the row"),
+    (_turns("system"), "messages", "has only a system message", "add a user message and an assistant answer"),
+    (_turns("system", "assistant", "user", "assistant"), "messages", "the first turn after any system message is not "
+     "'user'", "start with a user message"),
+    (_turns("system", "user", "assistant", "assistant"), "messages[3].role", "two 'assistant' turns in a row",
+     "alternate user and assistant (merge the two messages)"),
+    (_turns("user", "assistant", "user", "user"), "messages[3].role", "two 'user' turns in a row",
+     "alternate user and assistant (merge the two messages)"),
+    (_turns("user"), "messages", "has no assistant turn, so nothing would be trained", "add the assistant's answer"),
+    (_turns("system", "user", "assistant", "user"), "messages", "ends with a user turn that has no answer",
+     "add the assistant's answer or drop the turn"),
+])
+def test_each_turn_rule_names_the_message_and_the_fix(messages: list, field: str, what: str, fix: str) -> None:
+    with pytest.raises(RowProblem) as e:
+        check_turns(Conversation(messages))
+    assert (e.value.field, e.value.what, e.value.fix) == (field, what, fix)
+
+
+@pytest.mark.parametrize("messages", [_turns("user", "assistant"), _turns("system", "user", "assistant"),
+                                      _turns("system", "user", "assistant", "user", "assistant")])
+def test_well_formed_turns_pass(messages: list) -> None:
+    check_turns(Conversation(messages))
