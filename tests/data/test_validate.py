@@ -65,11 +65,11 @@ def test_wide_encodings_are_named_with_the_command_that_converts_them(tmp_path: 
 
 def test_a_nul_byte_is_its_lines_problem_after_a_text_line(tmp_path: Path) -> None:
     f = tmp_path / "rows.jsonl"
-    f.write_bytes((LINE + '{"prompt": "x\x00y", "response": "b"}\n' + LINE).encode())
+    f.write_bytes((LINE + '{"prompt": "x\x00y\x00", "response": "b"}\n' + LINE).encode())
     rows, problems = rows_and_problems(f)
     assert [line for line, _ in rows] == [1, 3]
     assert problems == [f"{f}:2: (line): holds a NUL byte (byte 13) — remove it: NUL is not text (was a binary "
-                        "file pasted in?)"]
+                        "file pasted in?)"]  # the first NUL
 
 
 @pytest.mark.parametrize("data", [
@@ -268,7 +268,7 @@ def test_line_problems_name_the_line_and_the_rest_are_read(tmp_path: Path) -> No
                   + b'{"prompt": "caf\xe9", "response": "b"}\r\n'
                   + b'{"prompt": "a", "response": }\n'
                   + b"\r\n  \n"  # blank lines are skipped
-                  + b'{"prompt": "' + b"x" * 9_000_000 + b'", "response": "b"}\n'
+                  + b'{"prompt": "' + b"x" * (9_000_000 - 31) + b'", "response": "b"}\n'  # 9,000,000 bytes
                   + LINE.encode())
     rows, problems = rows_and_problems(f)
     assert rows == [(1, ROW), (7, ROW)]
@@ -282,7 +282,7 @@ def test_line_problems_name_the_line_and_the_rest_are_read(tmp_path: Path) -> No
 def test_a_line_of_exactly_8_mib_is_read(tmp_path: Path) -> None:
     head, tail = b'{"prompt": "', b'", "response": "b"}'
     f = tmp_path / "rows.jsonl"
-    f.write_bytes(head + b"x" * (8 * 1024 * 1024 - len(head) - len(tail)) + tail + b"\n")
+    f.write_bytes(head + b"x" * (8 * 1024 * 1024 - len(head) - len(tail)) + tail + b"\r\n")  # the \r is not counted
     rows, problems = rows_and_problems(f)
     assert problems == [] and [line for line, _ in rows] == [1]
 
@@ -321,3 +321,9 @@ def test_each_turn_rule_names_the_message_and_the_fix(messages: list, field: str
                                       _turns("system", "user", "assistant", "user", "assistant")])
 def test_well_formed_turns_pass(messages: list) -> None:
     check_turns(Conversation(messages))
+
+
+def test_a_json_array_file_may_start_with_blank_lines(tmp_path: Path) -> None:
+    f = tmp_path / "rows.json"
+    f.write_text("\n  " + json.dumps([ROW, ROW], indent=2))
+    assert rows_and_problems(f) == ([(1, ROW), (2, ROW)], [])
