@@ -263,3 +263,22 @@ def test_the_untrained_tail_after_the_last_answer_gets_no_special_tokens() -> No
     r = render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], NewlineTemplate())
     assert "".join(map(chr, r.input_ids)) == "user:Hi|\nassistant:Yo|\n"
     assert "".join(chr(t) for t, m in zip(r.input_ids, r.loss_mask, strict=True) if m) == "Yo|"  # not the newline
+
+
+def test_a_template_that_renders_the_last_answer_its_own_way_is_refused() -> None:
+    class LastAnswerMarked(CharTemplate):
+        """The last message, when it is an answer, gets a marker that the same answer lacks inside a longer
+        conversation (as templates that drop earlier turns' reasoning do): prompt+answer is then not a prefix
+        of the whole conversation, though the prompt is a prefix of both."""
+
+        def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+            text = super().apply_chat_template(messages, tokenize, add_generation_prompt)
+            return text[:-1] + "*|" if messages and messages[-1]["role"] == "assistant" and not add_generation_prompt else text
+
+    from tinysft.data.formats import Conversation
+
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    assert "".join(map(chr, render(msgs[:2], LastAnswerMarked()).input_ids)) == "user:a|assistant:b*|"  # one turn: fine
+    with pytest.raises(RenderError, match=r"^f\.jsonl:2: the chat template renders assistant turn 1 differently"):
+        render(Conversation(msgs, "f.jsonl:2", "messages"), LastAnswerMarked())
