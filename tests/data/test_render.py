@@ -212,3 +212,73 @@ def test_the_refusal_of_a_rewriting_template_says_what_to_do() -> None:
         "f.jsonl:2: the chat template renders assistant turn 1 differently inside the whole conversation than on its "
         "own (the prompt is not a prefix of prompt+answer), so the trained tokens cannot be located safely. Split the "
         "conversation into single-turn rows, or use a model whose template renders turns independently.")
+
+
+def test_rows_no_template_can_render_are_refused_with_the_fix() -> None:
+    from tinysft.data.formats import Conversation
+
+    def refusal(messages: list, source: str) -> str:
+        with pytest.raises(RenderError) as e:
+            render(Conversation(messages, source, "messages"), CharTemplate())
+        return str(e.value)
+
+    answer = {"role": "assistant", "content": "b"}
+    assert refusal([], "f.jsonl:1") == "f.jsonl:1: the conversation is empty — add a user message and the assistant's answer."
+    assert refusal([answer, {"role": "user", "content": "a"}, answer], "f.jsonl:2") == (
+        "f.jsonl:2: the conversation starts with an assistant turn — start it with a user message.")
+    assert refusal([{"role": "user", "content": "a\ud83d"}, answer], "f.jsonl:3") == (
+        "f.jsonl:3: a message holds a lone UTF-16 surrogate (half of an escaped emoji) — write the character itself, "
+        "or both halves of its escape.")
+
+
+def test_render_all_renders_in_order_with_the_options_or_lists_every_refused_row() -> None:
+    from tinysft.data.formats import Conversation
+    from tinysft.data.render import render_all
+    from tinysft.data.validate import DataError
+
+    def conv(source: str, *contents: str) -> Conversation:
+        roles = ("user", "assistant") if contents else ()
+        return Conversation([{"role": r, "content": c} for r, c in zip(roles, contents, strict=True)], source, "messages")
+
+    good = [conv("f.jsonl:1", "Hi", "Hello"), conv("f.jsonl:3", "Q", "A long answer")]
+    rows = render_all(good, CharTemplate(), 36, system_prompt="S")
+    assert rows == [render(c, CharTemplate(), 36, "S") for c in good]
+    assert "".join(map(chr, rows[0].input_ids)) == "system:S|user:Hi|assistant:Hello|"
+    assert not rows[0].truncated and rows[1].truncated and len(rows[1].input_ids) == 36  # of 40
+    first = Conversation([{"role": "assistant", "content": "b"}], "f.jsonl:2", "messages")
+    with pytest.raises(DataError) as e:
+        render_all([good[0], first, good[1], conv("f.jsonl:4")], CharTemplate(), 30)
+    assert str(e.value).splitlines() == [
+        "f.jsonl:2: messages: the conversation starts with an assistant turn — start it with a user message. — see above",
+        "f.jsonl:4: messages: the conversation is empty — add a user message and the assistant's answer. — see above"]
+
+
+def test_the_untrained_tail_after_the_last_answer_gets_no_special_tokens() -> None:
+    class NewlineTemplate(CharTemplate):
+        """Each message ends with a newline, as ChatML's "<|im_end|>\\n" does."""
+
+        def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+            return "".join(f"{m['role']}:{m['content']}|\n" for m in messages) + ("assistant:" if add_generation_prompt else "")
+
+    r = render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}], NewlineTemplate())
+    assert "".join(map(chr, r.input_ids)) == "user:Hi|\nassistant:Yo|\n"
+    assert "".join(chr(t) for t, m in zip(r.input_ids, r.loss_mask, strict=True) if m) == "Yo|"  # not the newline
+
+
+def test_a_template_that_renders_the_last_answer_its_own_way_is_refused() -> None:
+    class LastAnswerMarked(CharTemplate):
+        """The last message, when it is an answer, gets a marker that the same answer lacks inside a longer
+        conversation (as templates that drop earlier turns' reasoning do): prompt+answer is then not a prefix
+        of the whole conversation, though the prompt is a prefix of both."""
+
+        def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+            text = super().apply_chat_template(messages, tokenize, add_generation_prompt)
+            return text[:-1] + "*|" if messages and messages[-1]["role"] == "assistant" and not add_generation_prompt else text
+
+    from tinysft.data.formats import Conversation
+
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    assert "".join(map(chr, render(msgs[:2], LastAnswerMarked()).input_ids)) == "user:a|assistant:b*|"  # one turn: fine
+    with pytest.raises(RenderError, match=r"^f\.jsonl:2: the chat template renders assistant turn 1 differently"):
+        render(Conversation(msgs, "f.jsonl:2", "messages"), LastAnswerMarked())
