@@ -314,7 +314,9 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
     p = min(max(successes / n, 0.0), 1.0)
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # At p = 0 or 1 one end equals p in exact arithmetic; rounding can put it a hair past p
+    # (0 successes of 11 gave low = 1.6e-17), so each end is held on its side of p.
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
 # ---- loss -----------------------------------------------------------------------------------------

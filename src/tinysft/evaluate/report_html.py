@@ -90,8 +90,9 @@ def loss_plot(history: list[dict[str, Any]], loss: dict[str, dict[str, Any]] | N
 
 def _whiskers(values: list[float], intervals: list[Rate | None]) -> list[list[float]]:
     """matplotlib's xerr ([[below...], [above...]]) for the 95% intervals; 0 where a bar has none."""
-    return [[v - r.low if r else 0.0 for v, r in zip(values, intervals, strict=True)],
-            [r.high - v if r else 0.0 for v, r in zip(values, intervals, strict=True)]]
+    # matplotlib refuses a negative whisker; a plotted value can sit a rounding error outside its interval
+    return [[max(0.0, v - r.low) if r else 0.0 for v, r in zip(values, intervals, strict=True)],
+            [max(0.0, r.high - v) if r else 0.0 for v, r in zip(values, intervals, strict=True)]]
 
 
 def _bars(title: str, labels: list[str], base: list[float], tuned: list[float], xlabel: str,
