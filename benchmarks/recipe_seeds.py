@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_model
 from recipe_sweep import base_answers, figures, generate_answers, score_rows
 from tinysft.config import RunConfig, load_config, parse_overrides
 from tinysft.data.formats import Conversation
@@ -177,16 +178,6 @@ def run_seed(name: str, overrides: dict[str, dict[str, Any]], seed: int, args: a
     record.update(evaluate_run(run_dir, args.prompts, args))
     record["config"] = cfg.to_dict()
     return record
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def spread(values: list[float]) -> str:

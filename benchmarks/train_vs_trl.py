@@ -40,7 +40,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -50,6 +49,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from machine import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 LORA = {"r": 16, "alpha": 32, "dropout": 0.1, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
@@ -313,16 +314,6 @@ def run_side(side: str, spec: dict[str, Any], tmp: Path) -> dict[str, Any]:
     return result
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def gpu_name() -> str | None:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
@@ -389,7 +380,7 @@ def main() -> None:
         for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
             peaks[name].append(matmul_gflops(dt))
 
-    print(f"CPU: {cpu_name()}, {os.cpu_count()} logical cores, torch {torch.__version__}, "
+    print(f"CPU: {cpu_model()}, {os.cpu_count()} logical cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, fast bf16: {fast_bf16_available('cpu')}", flush=True)
     if device.type == "cuda":
         print(f"GPU: {gpu_name()} (both sides train there; memory is compared on the GPU)", flush=True)
@@ -452,12 +443,12 @@ def main() -> None:
             "bf16_matmul_gflops": round(peak["bfloat16"], 1), "mfu": round(mfu, 4),
             "fp32_matmul_gflops": round(peak["float32"], 1), "mfu_dtype": tiny_dtype, "trl_config": best_trl,
             "tinysft_passed_share": round(passed, 4), "mfu_of_passed": round(mfu * passed, 4),
-            "device": gpu_name() if on_gpu else cpu_name()}
+            "device": gpu_name() if on_gpu else cpu_model()}
     if on_gpu:
         line |= {"tinysft_peak_gpu_mb": round(ours["peak_gpu_mb"]), "trl_peak_gpu_mb": round(t["peak_gpu_mb"])}
     if args.out:
         args.out.write_text(json.dumps({"summary": line, "table": table, "runs": results, "peaks": peaks,
-                                        "flops": flops, "cpu": cpu_name(), "gpu": gpu_name(), "args": vars(args) | {"out": str(args.out)}},
+                                        "flops": flops, "cpu": cpu_model(), "gpu": gpu_name(), "args": vars(args) | {"out": str(args.out)}},
                                        indent=2))
     print(json.dumps(line))
 

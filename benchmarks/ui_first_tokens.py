@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -30,6 +29,8 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from machine import cpu_model
 
 PROMPTS = [
     "What is the capital of France?",
@@ -46,14 +47,6 @@ TRAIN_ROWS = [
                   {"role": "assistant", "content": f"Certainly! {a} plus {b} is {a + b}."}]}
     for a, b in [(1, 2), (3, 4), (5, 6), (7, 8)]
 ]
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        return next(ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name"))
-    except (OSError, StopIteration, subprocess.TimeoutExpired):
-        return platform.processor() or "unknown"
 
 
 def make_run(folder: Path) -> Path:
@@ -143,7 +136,7 @@ def main() -> None:
         raise SystemExit("needs Debian's chromium: apt-get install chromium")
     tmp = Path(tempfile.mkdtemp(prefix="ui-bench-"))
     run = args.run or make_run(tmp)
-    out: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_name(), "cores": os.cpu_count(),
+    out: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_model(), "cores": os.cpu_count(),
                            "load_before": os.getloadavg()[0], "max_tokens": args.max_tokens, "runs": {}}
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
