@@ -38,7 +38,7 @@ from tinysft.data.validate import load_prompts
 from tinysft.evaluate.generate import generate_rows
 from tinysft.evaluate.metrics import is_refusal, word_count
 from tinysft.models.load import load_causal_lm, load_run
-from tinysft.train import atomic_write_text
+from tinysft.files import atomic_write_text
 
 HERE = Path(__file__).resolve().parent
 OPENERS = ["Sure! ", "Happy to help! ", "Great question! ", "Of course! ", "Certainly! ", "Glad you asked! "]
