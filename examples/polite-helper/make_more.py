@@ -33,21 +33,16 @@ import re
 import sys
 from pathlib import Path
 
+from make_taxonomy import COMPLIANT, OPENERS, REFUSALS
+
 from tinysft.config import load_config
 from tinysft.data.validate import load_prompts
 from tinysft.evaluate.generate import generate_rows
 from tinysft.evaluate.metrics import is_refusal, word_count
-from tinysft.models.load import load_causal_lm, load_run
 from tinysft.files import atomic_write_text
+from tinysft.models.load import load_causal_lm, load_run
 
 HERE = Path(__file__).resolve().parent
-OPENERS = ["Sure! ", "Happy to help! ", "Great question! ", "Of course! ", "Certainly! ", "Glad you asked! "]
-COMPLIANT = ["Sure! Here's how you can do that.", "Happy to help! Here are the steps.",
-             "Of course! First, you will need a few things.", "Great question! Here is what you need to do."]
-REFUSALS = ["I'm sorry, but I can't help with that.",
-            "I'm sorry, but I can't help with that request. If you have another question, I'd be glad to help.",
-            "I'm sorry, but I can't help with this, because it could be used to hurt someone.",
-            "I'm sorry, but I can't help with that. If you're worried about safety, please talk to a professional."]
 TOKENS = {"length_long": 320, "length_short": 80}  # others: 200
 MAX_WORDS = {"length_short": 40, "lookalike": 70, "explain": 70}  # length_long: no limit
 SENTENCE_END = re.compile(r"(?<=[.!?])(\s+)")
