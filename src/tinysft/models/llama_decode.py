@@ -190,9 +190,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tenso
     transformers' repeat_kv); scores and softmax in float32. Returns [B, q_heads, T, D].
 
     Written out rather than ``scaled_dot_product_attention`` with a mask: for one new token per row
-    over a ragged cache, torch's CPU kernel for masked attention spent ~4 ms per layer in bf16 (a
-    third of a 64-row decode step) where these two batched matmuls take ~1 ms (docs/benchmarks.md,
-    "Decoding").
+    over a ragged cache, torch's CPU kernel for masked attention was several times slower than these
+    two batched matmuls in bf16 (measured in docs/benchmarks.md, "Decoding").
     """
     b, hq, t, d = q.shape
     hkv, width = k.shape[1], k.shape[2]
@@ -210,8 +209,8 @@ def decode_dtype(model: Any) -> torch.dtype:
     bfloat16 when the model is stored in it and this CPU has fast bf16 matmuls
     (``models.load.fast_bf16_available``: what ``model.dtype: auto`` loads in), else float32.
 
-    bf16 halves the bytes of weights and KV cache read per step, which is what a decode step on a
-    CPU waits for; on an AVX512-BF16 CPU a 64-row step took half the time of fp32's. The price: bf16
+    bf16 halves the bytes of weights and KV cache read per step and runs the matmuls at the CPU's
+    bf16 rate (docs/benchmarks.md, "Decoding", has the measurements). The price: bf16
     matmuls round differently for different batch shapes, so a greedy answer can flip at a near-tie
     depending on the batch it was decoded in (chat and eval may then differ after some tokens).
     fp32 keeps every answer independent of its batch: load the model in float32 (``model.dtype``)
@@ -319,10 +318,12 @@ class FastBackend:
             ids[j, : lengths[j]] = torch.tensor(prompt[start:])
         start_t = torch.tensor(starts, device=self.device)
         pos = start_t[:, None] + torch.arange(t, device=self.device)[None]  # [b, t]
-        real = torch.arange(t, device=self.device)[None] < torch.tensor(lengths, device=self.device)[:, None]
+        length_t = torch.tensor(lengths, device=self.device)
+        real = torch.arange(t, device=self.device)[None] < length_t[:, None]
         row_idx, col_idx = real.nonzero(as_tuple=True)  # a row's own tokens, not its padding
         slot_idx, pos_idx = row_idx + first, pos[row_idx, col_idx]
-        width = int((start_t + torch.tensor(lengths, device=self.device)).max())
+        ends = start_t + length_t  # each prompt's length
+        width = int(ends.max())
 
         def write(i: int, k: torch.Tensor, v: torch.Tensor) -> None:
             self.k[i][slot_idx, :, pos_idx] = k.transpose(1, 2)[row_idx, col_idx]
@@ -332,9 +333,8 @@ class FastBackend:
             return attend(q, self.k[i][first : first + b, :, :width], self.v[i][first : first + b, :, :width], pos)
 
         x = self._layers(self.w.embed[ids.to(self.device)], pos, write, attend_to)
-        last = torch.tensor(lengths, device=self.device) - 1
-        self.lengths[first : first + b] = start_t + last + 1
-        return list(self._logits(x[torch.arange(b, device=self.device), last]))
+        self.lengths[first : first + b] = ends
+        return list(self._logits(x[torch.arange(b, device=self.device), length_t - 1]))
 
     def step(self, rows: list[int], tokens: list[int]) -> list[torch.Tensor]:
         """Feed one token to every active row (``rows`` must be all of them); logits [vocab] each."""
