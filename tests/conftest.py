@@ -83,6 +83,13 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory, encoder_dir: Path) -
     return path
 
 
+def user_prompt(prompt: str, category: str | None = None, **extra):
+    """A one-turn prompt row as ``load_prompts`` gives it (source "t:1"), ``extra`` as its other fields."""
+    from tinysft.data.formats import Conversation
+
+    return Conversation([{"role": "user", "content": prompt}], "t:1", "prompt", category, extra)
+
+
 def write_jsonl(path: Path, rows: list) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

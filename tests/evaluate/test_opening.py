@@ -3,7 +3,7 @@ tuned model states the answer first, not after a polite opener)."""
 
 from __future__ import annotations
 
-from tinysft.data.formats import Conversation
+from conftest import user_prompt
 from tinysft.evaluate import metrics
 from tinysft.evaluate.compare import score_answer, scored_row, summarize
 from tinysft.evaluate.summary import summary_rows, tags
@@ -12,10 +12,6 @@ LATE = ("Bonjour! What a wonderful question, and thank you so much for asking it
         "largest European country, famous for its food, its wine, its art and its long and rich history. "
         "Its capital is Paris.")
 EARLY = "The capital of France is Paris. It is also the largest city of the country."
-
-
-def _conv(prompt: str, category: str | None = None, **extra) -> Conversation:
-    return Conversation([{"role": "user", "content": prompt}], "t:1", "prompt", category, extra)
 
 
 def test_opening_in_words_without_a_tokenizer() -> None:
@@ -39,11 +35,11 @@ def test_opening_in_tokens_of_the_model_tokenizer(tokenizer) -> None:
 
 
 def test_opening_figure_per_side(tokenizer) -> None:
-    fact = _conv("What is the capital of France?", "factual", keywords=["Paris"])
+    fact = user_prompt("What is the capital of France?", "factual", keywords=["Paris"])
     flags = score_answer(LATE, fact, tokenizer)
     assert flags["keywords_all"] is True and flags["keywords_in_opening"] is False
     assert "keywords after the first 30 tokens" in tags(flags)
-    assert "keywords_in_opening" not in score_answer("Sure.", _conv("Tell me about dogs.", "general"))
+    assert "keywords_in_opening" not in score_answer("Sure.", user_prompt("Tell me about dogs.", "general"))
 
     rows = [scored_row(fact, EARLY, LATE, tokenizer=tokenizer), scored_row(fact, EARLY, EARLY, tokenizer=tokenizer),
             scored_row(fact, "Lyon.", EARLY, tokenizer=tokenizer)]
