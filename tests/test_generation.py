@@ -217,6 +217,82 @@ def test_prompts_sharing_a_system_turn_decode_as_they_do_alone(lively_model, tok
         assert a.tokens == hf_greedy(lively_model, p, 10)[: len(a.tokens)] and a.tokens
 
 
+def test_prefill_chunks_bound_padding_and_size() -> None:
+    from tinysft.models.llama_decode import prefill_chunks
+
+    assert prefill_chunks([]) == []
+    assert prefill_chunks([10]) == [1]
+    assert prefill_chunks([20, 18, 16, 15, 12, 10, 9]) == [3, 2, 2]  # 20 <= 1.25 * 16, not 1.25 * 15
+    assert prefill_chunks([100] * 5, tokens=250) == [2, 2, 1]  # padded size within the budget
+    assert sum(prefill_chunks(list(range(300, 0, -1)))) == 300
+
+
+def test_one_admit_in_several_chunks_equals_each_prompt_alone(lively_model, tokenizer, monkeypatch) -> None:
+    """All prompts admitted at once, the prefill split into chunks of similar length, each prompt's
+    slot given in length order: answers equal each prompt decoded alone and transformers (fp32)."""
+    import torch
+
+    from tinysft.generation import Sampling, decode, encode_prompt
+    from tinysft.models.llama_decode import FastBackend
+
+    prompts = [encode_prompt(tokenizer, p) for p in PROMPTS]
+    assert len({len(p) for p in prompts}) > 3
+    chunks: list[int] = []
+    prefill = FastBackend._prefill
+
+    def counted(self, first, parts, starts):
+        chunks.append(len(parts))
+        return prefill(self, first, parts, starts)
+
+    monkeypatch.setattr(FastBackend, "_prefill", counted)
+    together = decode(lively_model, tokenizer, prompts, Sampling(max_new_tokens=12), batch_size=len(prompts),
+                      engine="fast", dtype=torch.float32)
+    monkeypatch.undo()
+    assert len(chunks) > 1 and sum(chunks) == len(prompts)
+    for p, a in zip(prompts, together, strict=True):
+        assert a.tokens == hf_greedy(lively_model, p, 12)
+
+
+def test_a_cache_much_longer_than_the_answers_gives_the_same_logits(lively_model, tokenizer) -> None:
+    """Attention reads the whole cache block when the rows fill most of it and a copied slice when
+    they fill under a third of it; both give the logits of a cache sized to fit."""
+    import torch
+
+    from tinysft.generation import encode_prompt
+    from tinysft.models.llama_decode import FastBackend
+
+    prompts = [encode_prompt(tokenizer, p) for p in PROMPTS[:3]]
+    feeds = [5, 17, 99, 3]
+    logits = []
+    for size in (max(map(len, prompts)) + len(feeds), 10 * max(map(len, prompts))):
+        backend = FastBackend(lively_model, 3, size, torch.float32)
+        with torch.inference_mode():
+            out = [backend.admit(list(enumerate(prompts)))]
+            out += [backend.step([0, 1, 2], [t] * 3) for t in feeds]
+        logits.append(torch.stack(out))
+        assert (backend._span(max(map(len, prompts))) == size) == (size < 3 * max(map(len, prompts)))
+    assert torch.allclose(logits[0], logits[1], atol=1e-5), float((logits[0] - logits[1]).abs().max())
+
+
+def test_packed_weights_multiply_exactly_as_plain_ones(lively_model, monkeypatch) -> None:
+    """bf16 weights on a CPU are reordered once for oneDNN where this torch can (checked, else kept
+    plain); ``linear`` gives F.linear's result bit for bit either way. TINYSFT_PACK=0 turns it off."""
+    import torch
+    import torch.nn.functional as F
+
+    from tinysft.models import llama_decode as decode_llama
+
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(320, 64, generator=g).to(torch.bfloat16)
+    for rows in (1, 7, 130):
+        x = torch.randn(rows, 64, generator=g).to(torch.bfloat16)
+        assert torch.equal(decode_llama.linear(x, decode_llama.pack(weight)), F.linear(x, weight))
+    assert decode_llama.pack(weight.float()) is not None and not decode_llama.pack(weight.float()).is_mkldnn
+    assert decode_llama.pack(weight).is_mkldnn == decode_llama.packing_works()
+    monkeypatch.setenv("TINYSFT_PACK", "0")
+    assert decode_llama.pack(weight) is weight
+
+
 def test_transformers_engine_gives_the_same_answers(lively_model, tokenizer) -> None:
     from tinysft.generation import Sampling, decode, encode_prompt
 
@@ -389,9 +465,9 @@ def test_bf16_decoding_follows_fp32_within_bf16_rounding(lively_model, tokenizer
         """Logits [rows, 16, vocab] of the batched decoder fed each row's fp32 answer."""
         backend = FastBackend(model, len(prompts), max(map(len, prompts)) + 17, dtype)
         with torch.inference_mode():
-            out = [torch.stack(backend.admit(list(enumerate(prompts))))]
+            out = [backend.admit(list(enumerate(prompts)))]
             for t in range(15):
-                out.append(torch.stack(backend.step(list(range(len(prompts))), [f[t] for f in feeds])))
+                out.append(backend.step(list(range(len(prompts))), [f[t] for f in feeds]))
         return torch.stack(out, dim=1)
 
     full, half = forced(torch.float32), forced(torch.bfloat16)

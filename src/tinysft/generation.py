@@ -261,7 +261,8 @@ def decode(model: Any, tokenizer: Any, prompts: list[list[int]], sampling: Sampl
     # Longest prompts first: their prefill is done while the batch is full, and the fixed waves of
     # the transformers engine pad little when neighbours have similar lengths.
     queue = deque(sorted(range(len(prompts)), key=lambda i: -len(prompts[i])))
-    active: dict[int, torch.Tensor] = {}  # row index -> logits [vocab] for its next token
+    active: list[int] = []  # rows that were fed a token, in the order of ``logits``' rows
+    logits = torch.empty(0)  # [len(active), vocab]: each row's scores for its next token
 
     def finish(i: int) -> None:
         backend.release(i)
@@ -274,14 +275,13 @@ def decode(model: Any, tokenizer: Any, prompts: list[list[int]], sampling: Sampl
                 break
             fed: list[int] = []  # rows that go on, and the token each is fed next
             tokens: list[int] = []
-            pending, active = active, {}
+            pending, pending_logits, active = active, logits, []
             while True:  # sample every pending row; refill the slots that frees; repeat for the new rows
                 if pending:
-                    order = list(pending)
-                    greedy_picks = torch.stack([pending[i] for i in order]).argmax(-1).tolist()
-                    for i, g in zip(order, greedy_picks, strict=True):
+                    greedy_picks = pending_logits.argmax(-1).tolist()
+                    for j, (i, g) in enumerate(zip(pending, greedy_picks, strict=True)):
                         row = rows[i]
-                        tok = g if row.sampling.greedy else pick_next(pending[i], row.sampling, row.generator)
+                        tok = g if row.sampling.greedy else pick_next(pending_logits[j], row.sampling, row.generator)
                         if row.add(tok, stops, decode_text):
                             fed.append(i)
                             tokens.append(tok)
@@ -291,15 +291,17 @@ def decode(model: Any, tokenizer: Any, prompts: list[list[int]], sampling: Sampl
                 if not (free and queue):
                     break
                 admitted = [queue.popleft() for _ in range(min(free, len(queue)))]
-                pending = {}
-                for i, row_logits in zip(admitted, backend.admit([(i, prompts[i]) for i in admitted]), strict=True):
+                admit_logits = backend.admit([(i, prompts[i]) for i in admitted])
+                keep = []
+                for j, i in enumerate(admitted):
                     if rows[i].sampling.max_new_tokens < 1:
                         rows[i].finish = "length"
                         finish(i)
                     else:
-                        pending[i] = row_logits
+                        keep.append(j)
+                pending, pending_logits = [admitted[j] for j in keep], admit_logits[keep]
             if fed:
-                active = dict(zip(fed, backend.step(fed, tokens), strict=True))
+                active, logits = fed, backend.step(fed, tokens)
     return [r.answer(decode_text) for r in rows]
 
 

@@ -7,18 +7,24 @@ fixed-wave one over any transformers model.
   what the base pass costs; base and tuned weights are both kept, keyed by the adapter's on/off
   state and the parameters' versions, so switching sides needs no reload, and weights changed in
   place are noticed;
-- q/k/v and gate/up fused into one matmul each;
+- q/k/v and gate/up fused into one matmul each; in bf16 on a CPU, every weight is reordered once
+  into oneDNN's blocked layout (``pack``), so a step's matmuls skip the per-call reorder;
 - a KV cache with one slot per batch row, [slots, kv_heads, tokens, head_dim] per layer: each row
   keeps its own length, so a finished row's slot is refilled by prefilling the next prompt (no
   padding between rows), and the active slots stay a prefix (the last one moves into a hole).
+  A step attends over the active slots' whole cache, a contiguous block (a slice of it by length
+  is strided, and torch's CPU batched matmul copies strided operands first); positions past each
+  row's length are masked.
 
-Both engines answer ``admit(rows) -> logits``, ``step(rows, tokens) -> logits``, ``release(row)``
-and ``free_slots()``; the scheduler in ``generation.decode`` owns sampling and stopping.
+Both engines answer ``admit(items) -> logits``, ``step(rows, tokens) -> logits`` (float32
+[rows, vocab], in the order given), ``release(row)`` and ``free_slots()``; the scheduler in ``generation.decode`` owns sampling and stopping.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
+import os
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -93,6 +99,47 @@ def linear_weight(module: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     return weight, bias
 
 
+def _mkldnn_pack(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight, 64)  # 64: the batch it is tuned for
+
+
+@functools.lru_cache(maxsize=1)
+def packing_works() -> bool:
+    """Whether this torch can reorder a bf16 weight for oneDNN and multiply by it with the same
+    result as ``F.linear`` (checked once per process on a small probe; these ops are torch-internal,
+    so any failure or difference turns packing off instead of breaking decoding)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(96, 64, generator=g).to(torch.bfloat16)
+        x = torch.randn(5, 64, generator=g).to(torch.bfloat16)
+        return bool(torch.equal(linear(x, _mkldnn_pack(w)), F.linear(x, w)))
+    except Exception:  # an op missing or refused in this build
+        return False
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` [out, in] reordered for oneDNN where that is exact and available: bf16 on a CPU
+    (not under ``TINYSFT_PACK=0``); otherwise the weight itself. ``linear`` takes either.
+
+    Why: for bf16, torch hands each ``F.linear`` to oneDNN, which reorders the plain weight into its
+    blocked layout on every call; reordered once, the matmuls of a decode step run faster, most at
+    small batches (docs/benchmarks.md, "Decoding", has the measurements). Results are identical."""
+    if (weight.dtype != torch.bfloat16 or weight.device.type != "cpu"
+            or os.environ.get("TINYSFT_PACK", "1") == "0" or not packing_works()):
+        return weight
+    return _mkldnn_pack(weight)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` over x [..., in] for a plain weight or one from ``pack``."""
+    if not weight.is_mkldnn:
+        return F.linear(x, weight, bias)
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
 @dataclass
 class LayerWeights:
     ln1: torch.Tensor
@@ -137,13 +184,13 @@ def build_weights(model: Any, dtype: torch.dtype) -> Weights:
         o, o_bias = linear_weight(at.o_proj)
         gate_up, _ = _cat([linear_weight(mlp.gate_proj), linear_weight(mlp.up_proj)], dtype)
         down, _ = linear_weight(mlp.down_proj)
-        layers.append(LayerWeights(layer.input_layernorm.weight.to(dtype), qkv, qkv_bias, o.to(dtype),
+        layers.append(LayerWeights(layer.input_layernorm.weight.to(dtype), pack(qkv), qkv_bias, pack(o.to(dtype)),
                                    None if o_bias is None else o_bias.to(dtype),
-                                   layer.post_attention_layernorm.weight.to(dtype), gate_up, down.to(dtype)))
+                                   layer.post_attention_layernorm.weight.to(dtype), pack(gate_up), pack(down.to(dtype))))
     head, head_bias = linear_weight(inner.get_output_embeddings())
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return Weights(inner.get_input_embeddings().weight.to(dtype), layers, inner.model.norm.weight.to(dtype),
-                   head.to(dtype), None if head_bias is None else head_bias.to(dtype), float(cfg.rms_norm_eps),
+                   pack(head.to(dtype)), None if head_bias is None else head_bias.to(dtype), float(cfg.rms_norm_eps),
                    cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
                    head_dim, inner.model.rotary_emb)
 
@@ -183,11 +230,18 @@ def _rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     return q * cos + rotate(q) * sin, k * cos + rotate(k) * sin
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
-    """Attention of queries q [B, q_heads, T, D] at positions q_pos [B, T] over cached keys and
-    values k, v [B, kv_heads, W, D] at positions 0..W-1: each query sees the keys at or before its
-    own position. Grouped-query heads share their kv head (head h reads kv head h // group, as
-    transformers' repeat_kv); scores and softmax in float32. Returns [B, q_heads, T, D].
+def causal_bias(q_pos: torch.Tensor, width: int) -> torch.Tensor:
+    """Additive float32 mask [B, T, W] for queries at positions q_pos [B, T] over keys at positions
+    0..width-1: 0 where the key is at or before the query, -inf after it."""
+    hidden = torch.arange(width, device=q_pos.device)[None, None, :] > q_pos[:, :, None]
+    return torch.zeros(hidden.shape, device=q_pos.device).masked_fill_(hidden, float("-inf"))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Attention of queries q [B, q_heads, T, D] over keys and values k, v [B, kv_heads, W, D]
+    (contiguous), masked by ``bias`` [B, T, W] (``causal_bias``). Grouped-query heads share their kv
+    head (head h reads kv head h // group, as transformers' repeat_kv); scores and softmax in
+    float32. Returns [B, q_heads, T, D].
 
     Written out rather than ``scaled_dot_product_attention`` with a mask: for one new token per row
     over a ragged cache, torch's CPU kernel for masked attention was several times slower than these
@@ -196,12 +250,32 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tenso
     b, hq, t, d = q.shape
     hkv, width = k.shape[1], k.shape[2]
     group = hq // hkv
-    scores = torch.matmul(q.reshape(b, hkv, group * t, d), k.transpose(-1, -2)).float() * d ** -0.5
-    hidden = torch.arange(width, device=q.device)[None, None, :] > q_pos[:, :, None]  # [B, T, W]
-    scores.masked_fill_(hidden[:, None, None].expand(b, 1, group, t, width).reshape(b, 1, group * t, width),
-                        float("-inf"))
-    out = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)  # [B, kv_heads, group * T, D]
-    return out.view(b, hq, t, d)
+    scores = torch.bmm(q.reshape(b * hkv, group * t, d), k.view(b * hkv, width, d).transpose(1, 2))
+    scores = scores.view(b, hkv, group, t, width).float().mul_(d ** -0.5).add_(bias[:, None, None])
+    probs = torch.softmax(scores, dim=-1).to(v.dtype).view(b * hkv, group * t, width)
+    return torch.bmm(probs, v.view(b * hkv, width, d)).view(b, hq, t, d)
+
+
+def _window(cache: torch.Tensor, rows: slice, span: int) -> torch.Tensor:
+    """Cache rows [rows, kv_heads, span, D], contiguous: a view of the whole block when ``span`` is
+    all of it, else a copy of the slice."""
+    return cache[rows] if span == cache.shape[2] else cache[rows, :, :span].contiguous()
+
+
+def prefill_chunks(lengths: list[int], tokens: int = 8192, waste: float = 1.25) -> list[int]:
+    """Sizes of consecutive chunks of prompts (``lengths`` sorted longest first) to prefill
+    together: a chunk takes the next prompt while its longest is at most ``waste`` times that
+    prompt's length (little padding) and its padded size stays within ``tokens`` (bounded memory
+    for the scores)."""
+    sizes: list[int] = []
+    longest = 0
+    for n in lengths:
+        if sizes and longest <= waste * n and longest * (sizes[-1] + 1) <= tokens:
+            sizes[-1] += 1
+        else:
+            sizes.append(1)
+            longest = n
+    return sizes
 
 
 def decode_dtype(model: Any) -> torch.dtype:
@@ -258,86 +332,108 @@ class FastBackend:
         w = self.w
         b, t, _ = x.shape
         cos, sin = w.rotary(x, pos)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         splits = [w.q_heads * w.head_dim, w.kv_heads * w.head_dim, w.kv_heads * w.head_dim]
         for i, lw in enumerate(w.layers):
-            q, k, v = F.linear(_rms(x, lw.ln1, w.eps), lw.qkv, lw.qkv_bias).split(splits, dim=-1)
+            q, k, v = linear(_rms(x, lw.ln1, w.eps), lw.qkv, lw.qkv_bias).split(splits, dim=-1)
             q = q.view(b, t, w.q_heads, w.head_dim).transpose(1, 2)
             k = k.view(b, t, w.kv_heads, w.head_dim).transpose(1, 2)
-            q, k = _rope(q, k, cos.to(q.dtype), sin.to(q.dtype))
+            q, k = _rope(q, k, cos, sin)
             write(i, k, v.view(b, t, w.kv_heads, w.head_dim).transpose(1, 2))
             a = attend_to(i, q).transpose(1, 2).reshape(b, t, w.q_heads * w.head_dim)
-            x = x + F.linear(a, lw.o, lw.o_bias)
-            gate, up = F.linear(_rms(x, lw.ln2, w.eps), lw.gate_up).chunk(2, dim=-1)
-            x = x + F.linear(F.silu(gate) * up, lw.down)
+            x = x + linear(a, lw.o, lw.o_bias)
+            gate, up = linear(_rms(x, lw.ln2, w.eps), lw.gate_up).chunk(2, dim=-1)
+            x = x + linear(F.silu(gate) * up, lw.down)
         return x
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(_rms(x, self.w.norm, self.w.eps), self.w.head, self.w.head_bias).float()
+        return linear(_rms(x, self.w.norm, self.w.eps), self.w.head, self.w.head_bias).float()
 
     def _cache_prefix(self, prefix: list[int]) -> None:
         """Keys and values of ``prefix`` [1, kv_heads, P, D] per layer, for ``admit`` to copy."""
         n = len(prefix)
         pos = torch.arange(n, device=self.device)[None]
+        bias = causal_bias(pos, n)
         kv: list[tuple[torch.Tensor, torch.Tensor]] = []
 
         def write(i: int, k: torch.Tensor, v: torch.Tensor) -> None:
             kv.append((k.contiguous(), v.contiguous()))
 
         def attend_to(i: int, q: torch.Tensor) -> torch.Tensor:
-            return attend(q, *kv[i], pos)
+            return attend(q, *kv[i], bias)
 
         self._layers(self.w.embed[torch.tensor([prefix], device=self.device)], pos, write, attend_to)
         self.prefix, self.prefix_kv = prefix, kv
 
-    def admit(self, items: list[tuple[int, list[int]]]) -> list[torch.Tensor]:
-        """Prefill the prompts into free slots, all in one forward pass; logits [vocab] of each
-        prompt's last position.
+    def admit(self, items: list[tuple[int, list[int]]]) -> torch.Tensor:
+        """Prefill the prompts into free slots; logits [len(items), vocab] of each prompt's last
+        position, in the order given.
 
         A prompt that starts with the shared prefix gets the prefix's keys and values copied into its
-        slot and is prefilled from there on. The prompts' remaining tokens are right-padded to the
-        longest; padding positions are neither stored nor read (only a row's own positions are
-        written to its slot, and each query sees keys up to its own position).
+        slot and is prefilled from there on. Prompts are prefilled in chunks of similar length
+        (``prefill_chunks``), each right-padded to its longest; padding positions are neither stored
+        nor read (only a row's own positions are written to its slot, and each query sees keys up to
+        its own position).
         """
-        if not items:
-            return []
-        first = len(self.row_at)
-        p = len(self.prefix)
-        starts, lengths = [], []
-        for j, (row, prompt) in enumerate(items):
-            self.slot_of[row] = first + j
-            self.row_at.append(row)
-            start = p if p and len(prompt) > p and prompt[:p] == self.prefix else 0
-            for i, (k, v) in enumerate(self.prefix_kv if start else []):
-                self.k[i][first + j, :, :start] = k[0]
-                self.v[i][first + j, :, :start] = v[0]
-            starts.append(start)
-            lengths.append(len(prompt) - start)
-        b, t = len(items), max(lengths)
+        first, p = len(self.row_at), len(self.prefix)
+        starts = [p if p and len(prompt) > p and prompt[:p] == self.prefix else 0 for _, prompt in items]
+        order = sorted(range(len(items)), key=lambda j: starts[j] - len(items[j][1]))  # longest own part first
+        for j in order:  # slots in that order, so that a chunk's slots are one range
+            self.slot_of[items[j][0]] = len(self.row_at)
+            self.row_at.append(items[j][0])
+        with_prefix = [first + n for n, j in enumerate(order) if starts[j]]
+        if with_prefix:
+            idx = torch.tensor(with_prefix, device=self.device)
+            for i, (k, v) in enumerate(self.prefix_kv):
+                self.k[i][idx, :, :p] = k
+                self.v[i][idx, :, :p] = v
+        outs, done = [], 0
+        for size in prefill_chunks([len(items[j][1]) - starts[j] for j in order]):
+            chunk = order[done : done + size]
+            outs.append(self._prefill(first + done, [items[j][1][starts[j]:] for j in chunk], [starts[j] for j in chunk]))
+            done += size
+        logits = torch.cat(outs) if outs else torch.empty(0)
+        logits[torch.tensor(order, dtype=torch.long)] = logits.clone()  # back to the order given
+        return logits
+
+    def _prefill(self, first: int, parts: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """Prefill slots first.. with the prompt parts that start at positions ``starts``."""
+        b, t = len(parts), max(map(len, parts))
         ids = torch.zeros((b, t), dtype=torch.long)
-        for j, ((_, prompt), start) in enumerate(zip(items, starts, strict=True)):
-            ids[j, : lengths[j]] = torch.tensor(prompt[start:])
+        for j, part in enumerate(parts):
+            ids[j, : len(part)] = torch.tensor(part)
         start_t = torch.tensor(starts, device=self.device)
         pos = start_t[:, None] + torch.arange(t, device=self.device)[None]  # [b, t]
-        length_t = torch.tensor(lengths, device=self.device)
+        length_t = torch.tensor([len(part) for part in parts], device=self.device)
         real = torch.arange(t, device=self.device)[None] < length_t[:, None]
         row_idx, col_idx = real.nonzero(as_tuple=True)  # a row's own tokens, not its padding
         slot_idx, pos_idx = row_idx + first, pos[row_idx, col_idx]
-        ends = start_t + length_t  # each prompt's length
-        width = int(ends.max())
+        ends = start_t + length_t
+        span = self._span(int(ends.max()))
+        bias = causal_bias(pos, span)
+        rows = slice(first, first + b)
 
         def write(i: int, k: torch.Tensor, v: torch.Tensor) -> None:
             self.k[i][slot_idx, :, pos_idx] = k.transpose(1, 2)[row_idx, col_idx]
             self.v[i][slot_idx, :, pos_idx] = v.transpose(1, 2)[row_idx, col_idx]
 
         def attend_to(i: int, q: torch.Tensor) -> torch.Tensor:
-            return attend(q, self.k[i][first : first + b, :, :width], self.v[i][first : first + b, :, :width], pos)
+            return attend(q, _window(self.k[i], rows, span), _window(self.v[i], rows, span), bias)
 
         x = self._layers(self.w.embed[ids.to(self.device)], pos, write, attend_to)
-        self.lengths[first : first + b] = ends
-        return list(self._logits(x[torch.arange(b, device=self.device), length_t - 1]))
+        self.lengths[rows] = ends
+        return self._logits(x[torch.arange(b, device=self.device), length_t - 1])
 
-    def step(self, rows: list[int], tokens: list[int]) -> list[torch.Tensor]:
-        """Feed one token to every active row (``rows`` must be all of them); logits [vocab] each."""
+    def _span(self, width: int) -> int:
+        """How many cache positions attention reads for a batch whose longest row has ``width``:
+        all of them (the block is contiguous) unless that is over 3x the width (then a copy of the
+        slice is cheaper than reading the rest)."""
+        size = self.k[0].shape[2]
+        return size if 3 * width >= size else width
+
+    def step(self, rows: list[int], tokens: list[int]) -> torch.Tensor:
+        """Feed one token to every active row (``rows`` must be all of them); logits
+        [len(rows), vocab] in the order of ``rows``."""
         n = len(self.row_at)
         if len(rows) != n:
             raise RuntimeError("FastBackend.step needs a token for every active row")
@@ -345,20 +441,21 @@ class FastBackend:
         fed = torch.empty(n, dtype=torch.long, device=self.device)
         fed[slots] = torch.tensor(tokens, device=self.device)
         pos = self.lengths[:n].clone()  # where each slot's new token goes
-        width = int(pos.max()) + 1
+        span = self._span(int(pos.max()) + 1)
+        bias = causal_bias(pos[:, None], span)
         every = torch.arange(n, device=self.device)
+        active = slice(0, n)
 
         def write(i: int, k: torch.Tensor, v: torch.Tensor) -> None:
             self.k[i][every, :, pos] = k[:, :, 0]
             self.v[i][every, :, pos] = v[:, :, 0]
 
         def attend_to(i: int, q: torch.Tensor) -> torch.Tensor:
-            return attend(q, self.k[i][:n, :, :width], self.v[i][:n, :, :width], pos[:, None])
+            return attend(q, _window(self.k[i], active, span), _window(self.v[i], active, span), bias)
 
         x = self._layers(self.w.embed[fed][:, None], pos[:, None], write, attend_to)
         self.lengths[:n] += 1
-        logits = self._logits(x[:, 0])
-        return list(logits[slots])
+        return self._logits(x[slots, 0])
 
     def release(self, row: int) -> None:
         """Free a finished row's slot; the last active slot moves into it, keeping slots a prefix."""
@@ -395,7 +492,7 @@ class WaveBackend:
         self.past = out.cache if hasattr(out, "cache") else out.past_key_values
         return out.logits[:, -1].float()
 
-    def admit(self, items: list[tuple[int, list[int]]]) -> list[torch.Tensor]:
+    def admit(self, items: list[tuple[int, list[int]]]) -> torch.Tensor:
         width = max(len(p) for _, p in items)
         ids = torch.full((len(items), width), self.pad, dtype=torch.long)
         self.attn = torch.zeros((len(items), width), dtype=torch.long)
@@ -406,16 +503,16 @@ class WaveBackend:
         self.pos = (self.attn.cumsum(-1) - 1).clamp(min=0)
         self.index = {row: b for b, (row, _) in enumerate(items)}
         self.live = set(self.index)
-        return list(self._forward(ids.to(self.device), None))
+        return self._forward(ids.to(self.device), None)
 
-    def step(self, rows: list[int], tokens: list[int]) -> list[torch.Tensor]:
+    def step(self, rows: list[int], tokens: list[int]) -> torch.Tensor:
         ids = torch.full((len(self.index), 1), self.pad, dtype=torch.long)
         for row, tok in zip(rows, tokens, strict=True):
             ids[self.index[row], 0] = tok
         self.attn = torch.cat([self.attn, self.attn.new_ones((len(self.index), 1))], dim=1)
         self.pos = self.pos[:, -1:] + 1
         logits = self._forward(ids.to(self.device), self.past)
-        return [logits[self.index[r]] for r in rows]
+        return logits[torch.tensor([self.index[r] for r in rows], device=logits.device)]
 
     def release(self, row: int) -> None:
         self.live.discard(row)
