@@ -274,6 +274,28 @@ def test_a_cache_much_longer_than_the_answers_gives_the_same_logits(lively_model
     assert torch.allclose(logits[0], logits[1], atol=1e-5), float((logits[0] - logits[1]).abs().max())
 
 
+def test_the_kv_cache_stays_within_its_memory_budget(lively_model, tokenizer, monkeypatch) -> None:
+    """Asked for 6 rows with room for 2 slots' caches, the decoder runs 2 at a time, same answers."""
+    import torch
+
+    from tinysft.generation import Sampling, decode, encode_prompt
+    from tinysft.models import llama_decode as decode_llama
+
+    prompts = [encode_prompt(tokenizer, p) for p in PROMPTS]
+    alone = [decode(lively_model, tokenizer, [p], Sampling(max_new_tokens=6), batch_size=1, dtype=torch.float32)[0]
+             for p in prompts]
+    cfg = lively_model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    per_slot = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (max(map(len, prompts)) + 6) * head_dim * 4
+    monkeypatch.setattr(decode_llama, "KV_CACHE_BYTES", 2 * per_slot + per_slot // 2)
+    sizes: list[int] = []
+    step = decode_llama.FastBackend.step
+    monkeypatch.setattr(decode_llama.FastBackend, "step", lambda self, r, t: sizes.append(len(r)) or step(self, r, t))
+    together = decode(lively_model, tokenizer, prompts, Sampling(max_new_tokens=6), batch_size=6, dtype=torch.float32)
+    assert max(sizes) == 2
+    assert [a.tokens for a in together] == [a.tokens for a in alone]
+
+
 def test_packed_weights_multiply_exactly_as_plain_ones(lively_model, monkeypatch) -> None:
     """bf16 weights on a CPU are reordered once for oneDNN where this torch can (checked, else kept
     plain); ``linear`` gives F.linear's result bit for bit either way. TINYSFT_PACK=0 turns it off."""

@@ -215,8 +215,9 @@ class EvalConfig:
     """Prompt files (JSONL rows with `prompt` or `messages`) answered by base and tuned."""
     max_new_tokens: int = 160
     """Longest generated answer."""
-    batch_size: int = 64
-    """Answers decoded together (continuous batching: a finished answer's row takes the next prompt)."""
+    batch_size: int = 256
+    """Answers decoded together (continuous batching: a finished answer's row takes the next prompt;
+    fewer where the KV cache would pass 2 GiB)."""
     temperature: float = 0.0
     """0 = greedy decoding (reproducible)."""
 

@@ -231,7 +231,7 @@ class _Row:
 
 
 def decode(model: Any, tokenizer: Any, prompts: list[list[int]], sampling: Sampling | list[Sampling] = Sampling(),
-           *, batch_size: int = 64, on_text: Callable[[int, str], None] | None = None,
+           *, batch_size: int = 256, on_text: Callable[[int, str], None] | None = None,
            on_answer: Callable[[int], None] | None = None, cancelled: Callable[[], bool] | None = None,
            dtype: torch.dtype | None = None, engine: str = "auto") -> list[Answer]:
     """Answer each prompt (token ids from ``encode_prompt``); answers come back in input order.
@@ -334,7 +334,7 @@ def _text_decoder(tokenizer: Any) -> Callable[[list[int]], str]:
 
 # ---- conveniences for callers --------------------------------------------------------------------
 def generate_text(model: Any, tokenizer: Any, conversations: list[list[Message]], sampling: Sampling = Sampling(),
-                  *, system_prompt: str | None = None, batch_size: int = 64,
+                  *, system_prompt: str | None = None, batch_size: int = 256,
                   on_answer: Callable[[int], None] | None = None) -> list[str]:
     """Answer each conversation (ending on a user turn); the answers stripped, in input order."""
     prompts = [encode_prompt(tokenizer, c, system_prompt) for c in conversations]

@@ -176,7 +176,7 @@ def generate(
     out_file: Annotated[Path, typer.Option("--out", help="Output JSONL (each input row + `response`)")],
     base: Annotated[bool, typer.Option("--base", help="Answer with the adapter disabled")] = False,
     max_new_tokens: Annotated[int | None, typer.Option(min=1, help=MAX_NEW_TOKENS_HELP)] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Answers decoded together")] = 64,
+    batch_size: Annotated[int, typer.Option(min=1, help="Answers decoded together")] = 256,
     trust_remote_code: TrustRemoteCode = False,
     allow_pickle: AllowPickle = False,
     allow_other_base: AllowOtherBase = False,

@@ -198,7 +198,7 @@ def answer_limits(rows: list[Conversation], limit: int) -> list[int]:
 
 
 def compare(model: Any, tokenizer: Any, prompts: list[Conversation], *, max_new_tokens: int = 160,
-            batch_size: int = 64, system_prompt: str | None = None,
+            batch_size: int = 256, system_prompt: str | None = None,
             on_batch: Callable[[int], None] | None = None, forgetting: list[Conversation] | None = None,
             temperature: float = 0.0, seed: int | None = 0) -> Comparison:
     """Generate base and tuned answers for every prompt (and the forgetting set) and score both.

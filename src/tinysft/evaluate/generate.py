@@ -16,7 +16,7 @@ __all__ = ["adapter_state", "encode_prompt", "generate", "generate_rows", "stop_
 
 
 def generate(model: Any, tokenizer: Any, prompts: list[list[Message]], *, max_new_tokens: int | list[int] = 160,
-             batch_size: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = 0,
+             batch_size: int = 256, temperature: float = 0.0, top_p: float = 1.0, seed: int | None = 0,
              system_prompt: str | None = None, on_batch: Callable[[int], None] | None = None) -> list[str]:
     """Answer each prompt (a list of messages ending on a user turn); returns the answers stripped,
     in input order. Up to ``batch_size`` answers are decoded together (continuous batching: a row

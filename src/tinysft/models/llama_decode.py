@@ -297,6 +297,11 @@ def decode_dtype(model: Any) -> torch.dtype:
     return torch.bfloat16 if weight.dtype == torch.bfloat16 and fast_bf16_available("cpu") else torch.float32
 
 
+KV_CACHE_BYTES = 2 * 1024**3
+"""The most memory ``FastBackend``'s KV cache takes: fewer slots than asked for when each must hold
+a long context (SmolLM2-135M in bf16: ~5 MB a slot for 217 tokens, so ~400 slots)."""
+
+
 class FastBackend:
     """Continuous batching over ``slots`` rows with a per-row KV cache (see the module docstring).
 
@@ -311,7 +316,9 @@ class FastBackend:
         self.dtype = dtype or decode_dtype(model)
         self.w = weights_for(model, self.dtype)
         w = self.w
-        self.slots, self.device = slots, device
+        per_slot = 2 * len(w.layers) * w.kv_heads * max_tokens * w.head_dim * torch.finfo(self.dtype).bits // 8
+        self.slots, self.device = max(1, min(slots, KV_CACHE_BYTES // per_slot)), device
+        slots = self.slots
         shape = (slots, w.kv_heads, max_tokens, w.head_dim)
         self.k = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in w.layers]
         self.v = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in w.layers]
