@@ -306,9 +306,11 @@ def test_packed_weights_multiply_exactly_as_plain_ones(lively_model, monkeypatch
 
     g = torch.Generator().manual_seed(1)
     weight = torch.randn(320, 64, generator=g).to(torch.bfloat16)
+    bias = torch.randn(320, generator=g).to(torch.bfloat16)  # qwen2's q/k/v carry one
     for rows in (1, 7, 130):
-        x = torch.randn(rows, 64, generator=g).to(torch.bfloat16)
+        x = torch.randn(rows, 3, 64, generator=g).to(torch.bfloat16)
         assert torch.equal(decode_llama.linear(x, decode_llama.pack(weight)), F.linear(x, weight))
+        assert torch.equal(decode_llama.linear(x, decode_llama.pack(weight), bias), F.linear(x, weight, bias))
     assert decode_llama.pack(weight.float()) is not None and not decode_llama.pack(weight.float()).is_mkldnn
     assert decode_llama.pack(weight).is_mkldnn == decode_llama.packing_works()
     monkeypatch.setenv("TINYSFT_PACK", "0")

@@ -14,10 +14,13 @@ fixed-wave one over any transformers model.
   padding between rows), and the active slots stay a prefix (the last one moves into a hole).
   A step attends over the active slots' whole cache, a contiguous block (a slice of it by length
   is strided, and torch's CPU batched matmul copies strided operands first); positions past each
-  row's length are masked.
+  row's length are masked. The cache holds at most ``KV_CACHE_BYTES`` (fewer slots if need be);
+- prompts admitted together are prefilled in chunks of similar length (``prefill_chunks``), after
+  the shared prefix's keys and values are copied in.
 
 Both engines answer ``admit(items) -> logits``, ``step(rows, tokens) -> logits`` (float32
-[rows, vocab], in the order given), ``release(row)`` and ``free_slots()``; the scheduler in ``generation.decode`` owns sampling and stopping.
+[rows, vocab], in the order given), ``release(row)`` and ``free_slots()``; the scheduler in
+``generation.decode`` owns sampling and stopping.
 """
 
 from __future__ import annotations
