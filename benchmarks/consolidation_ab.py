@@ -4,14 +4,19 @@ Usage: PYTHONPATH=SRC_DIR python benchmarks/consolidation_ab.py LABEL OUT_DIR ST
 (SRC_DIR: a checkout's src/, e.g. a git worktree of 859054c for "old"; main's for "new")
 Prints one JSON line: the logged losses and tokens/s of the first STEPS steps.
 """
+import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 from tinysft.config import load_config, parse_overrides
 
-src, out, steps = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("label", help='what this side is, printed back ("old", "new")')
+parser.add_argument("out", type=Path, help="run directory to write")
+parser.add_argument("steps", type=int, help="optimizer steps to time")
+args = parser.parse_args()
+src, out, steps = args.label, args.out, args.steps
 
 try:
     from tinysft.training import train
