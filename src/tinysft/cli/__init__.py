@@ -15,10 +15,16 @@ __all__ = ["app", "clean_errors", "main", "user_errors"]
 
 
 def main() -> None:
+    import atexit
+    import gc
+
     from tinysft.models.cpu.allocator import cap_onednn_cache, reexec_with_tcmalloc
 
     cap_onednn_cache()  # in the environment before the re-exec, so every command has it
     reexec_with_tcmalloc()
+    # At exit, the interpreter's last garbage collections walk every object torch, transformers and
+    # peft created (about a second after a model was loaded); frozen objects are skipped.
+    atexit.register(gc.freeze)
     app(prog_name="tinysft")
 
 
