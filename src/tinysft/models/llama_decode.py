@@ -12,9 +12,9 @@ fixed-wave one over any transformers model.
 - a KV cache with one slot per batch row, [slots, kv_heads, tokens, head_dim] per layer: each row
   keeps its own length, so a finished row's slot is refilled by prefilling the next prompt (no
   padding between rows), and the active slots stay a prefix (the last one moves into a hole).
-  A step attends over the active slots' whole cache, a contiguous block (a slice of it by length
-  is strided, and torch's CPU batched matmul copies strided operands first); positions past each
-  row's length are masked. The cache holds at most ``KV_CACHE_BYTES`` (fewer slots if need be);
+  A step attends over the active slots' whole cache, a contiguous block grown as rows need more
+  positions (``_fit``); positions past each row's length are masked. The cache holds at most
+  ``KV_CACHE_BYTES`` (fewer slots if need be);
 - prompts admitted together are prefilled in chunks of similar length (``prefill_chunks``), after
   the shared prefix's keys and values are copied in.
 
@@ -259,12 +259,6 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
     return torch.bmm(probs, v.view(b * hkv, width, d)).view(b, hq, t, d)
 
 
-def _window(cache: torch.Tensor, rows: slice, span: int) -> torch.Tensor:
-    """Cache rows [rows, kv_heads, span, D], contiguous: a view of the whole block when ``span`` is
-    all of it, else a copy of the slice."""
-    return cache[rows] if span == cache.shape[2] else cache[rows, :, :span].contiguous()
-
-
 def prefill_chunks(lengths: list[int], tokens: int = 8192, waste: float = 1.25) -> list[int]:
     """Sizes of consecutive chunks of prompts (``lengths`` sorted longest first) to prefill
     together: a chunk takes the next prompt while its longest is at most ``waste`` times that
@@ -300,6 +294,9 @@ def decode_dtype(model: Any) -> torch.dtype:
     return torch.bfloat16 if weight.dtype == torch.bfloat16 and fast_bf16_available("cpu") else torch.float32
 
 
+CACHE_GROWTH = 32
+"""Positions the KV cache grows by when a row needs more (it starts at this size)."""
+
 KV_CACHE_BYTES = 2 * 1024**3
 """The most memory ``FastBackend``'s KV cache takes: fewer slots than asked for when each must hold
 a long context (SmolLM2-135M in bf16: ~5 MB a slot for 217 tokens, so ~400 slots)."""
@@ -322,7 +319,8 @@ class FastBackend:
         per_slot = 2 * len(w.layers) * w.kv_heads * max_tokens * w.head_dim * torch.finfo(self.dtype).bits // 8
         self.slots, self.device = max(1, min(slots, KV_CACHE_BYTES // per_slot)), device
         slots = self.slots
-        shape = (slots, w.kv_heads, max_tokens, w.head_dim)
+        self.max_tokens = max_tokens
+        shape = (slots, w.kv_heads, min(max_tokens, CACHE_GROWTH), w.head_dim)
         self.k = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in w.layers]
         self.v = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in w.layers]
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)  # tokens cached per slot
@@ -386,6 +384,7 @@ class FastBackend:
         its own position).
         """
         first, p = len(self.row_at), len(self.prefix)
+        self._fit(max((len(prompt) for _, prompt in items), default=0))
         starts = [p if p and len(prompt) > p and prompt[:p] == self.prefix else 0 for _, prompt in items]
         order = sorted(range(len(items)), key=lambda j: starts[j] - len(items[j][1]))  # longest own part first
         for j in order:  # slots in that order, so that a chunk's slots are one range
@@ -419,8 +418,8 @@ class FastBackend:
         row_idx, col_idx = real.nonzero(as_tuple=True)  # a row's own tokens, not its padding
         slot_idx, pos_idx = row_idx + first, pos[row_idx, col_idx]
         ends = start_t + length_t
-        span = self._span(int(ends.max()))
-        bias = causal_bias(pos, span)
+        self._fit(int(ends.max()))
+        bias = causal_bias(pos, self.k[0].shape[2])
         rows = slice(first, first + b)
 
         def write(i: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -428,18 +427,26 @@ class FastBackend:
             self.v[i][slot_idx, :, pos_idx] = v.transpose(1, 2)[row_idx, col_idx]
 
         def attend_to(i: int, q: torch.Tensor) -> torch.Tensor:
-            return attend(q, _window(self.k[i], rows, span), _window(self.v[i], rows, span), bias)
+            return attend(q, self.k[i][rows], self.v[i][rows], bias)
 
         x = self._layers(self.w.embed[ids.to(self.device)], pos, write, attend_to)
         self.lengths[rows] = ends
         return self._logits(x[torch.arange(b, device=self.device), length_t - 1])
 
-    def _span(self, width: int) -> int:
-        """How many cache positions attention reads for a batch whose longest row has ``width``:
-        all of them (the block is contiguous) unless that is over 3x the width (then a copy of the
-        slice is cheaper than reading the rest)."""
+    def _fit(self, width: int) -> None:
+        """Grow the cache (to a multiple of CACHE_GROWTH positions, at most ``max_tokens``) to hold
+        ``width`` positions. Attention reads the active rows' whole block (a contiguous view: a
+        slice of it by length would be strided, and torch's CPU batched matmul copies strided
+        operands), so a block sized to what the rows hold keeps it from reading positions no row
+        has reached yet; growing copies the cache once per CACHE_GROWTH positions."""
         size = self.k[0].shape[2]
-        return size if 3 * width >= size else width
+        if width > size:
+            grown = min(self.max_tokens, -(-width // CACHE_GROWTH) * CACHE_GROWTH)
+            for caches in (self.k, self.v):
+                for i, cache in enumerate(caches):
+                    caches[i] = torch.zeros((*cache.shape[:2], grown, cache.shape[3]), dtype=cache.dtype,
+                                            device=cache.device)
+                    caches[i][:, :, :size] = cache
 
     def step(self, rows: list[int], tokens: list[int]) -> torch.Tensor:
         """Feed one token to every active row (``rows`` must be all of them); logits
@@ -451,17 +458,16 @@ class FastBackend:
         fed = torch.empty(n, dtype=torch.long, device=self.device)
         fed[slots] = torch.tensor(tokens, device=self.device)
         pos = self.lengths[:n].clone()  # where each slot's new token goes
-        span = self._span(int(pos.max()) + 1)
-        bias = causal_bias(pos[:, None], span)
+        self._fit(int(pos.max()) + 1)
+        bias = causal_bias(pos[:, None], self.k[0].shape[2])
         every = torch.arange(n, device=self.device)
-        active = slice(0, n)
 
         def write(i: int, k: torch.Tensor, v: torch.Tensor) -> None:
             self.k[i][every, :, pos] = k[:, :, 0]
             self.v[i][every, :, pos] = v[:, :, 0]
 
         def attend_to(i: int, q: torch.Tensor) -> torch.Tensor:
-            return attend(q, _window(self.k[i], active, span), _window(self.v[i], active, span), bias)
+            return attend(q, self.k[i][:n], self.v[i][:n], bias)
 
         x = self._layers(self.w.embed[fed][:, None], pos[:, None], write, attend_to)
         self.lengths[:n] += 1
