@@ -322,19 +322,19 @@ def test_packed_weights_multiply_exactly_as_plain_ones(lively_model, monkeypatch
     import torch
     import torch.nn.functional as F
 
-    from tinysft.models import llama_decode as decode_llama
+    from tinysft.models import decode_weights
 
     g = torch.Generator().manual_seed(1)
     weight = torch.randn(320, 64, generator=g).to(torch.bfloat16)
     bias = torch.randn(320, generator=g).to(torch.bfloat16)  # qwen2's q/k/v carry one
     for rows in (1, 7, 130):
         x = torch.randn(rows, 3, 64, generator=g).to(torch.bfloat16)
-        assert torch.equal(decode_llama.linear(x, decode_llama.pack(weight)), F.linear(x, weight))
-        assert torch.equal(decode_llama.linear(x, decode_llama.pack(weight), bias), F.linear(x, weight, bias))
-    assert decode_llama.pack(weight.float()) is not None and not decode_llama.pack(weight.float()).is_mkldnn
-    assert decode_llama.pack(weight).is_mkldnn == decode_llama.packing_works()
+        assert torch.equal(decode_weights.linear(x, decode_weights.pack(weight)), F.linear(x, weight))
+        assert torch.equal(decode_weights.linear(x, decode_weights.pack(weight), bias), F.linear(x, weight, bias))
+    assert decode_weights.pack(weight.float()) is not None and not decode_weights.pack(weight.float()).is_mkldnn
+    assert decode_weights.pack(weight).is_mkldnn == decode_weights.packing_works()
     monkeypatch.setenv("TINYSFT_PACK", "0")
-    assert decode_llama.pack(weight) is weight
+    assert decode_weights.pack(weight) is weight
 
 
 def test_transformers_engine_gives_the_same_answers(lively_model, tokenizer) -> None:
@@ -352,7 +352,8 @@ def test_merged_fast_path_equals_base_plus_adapter_and_switches_without_reload(l
     import torch
 
     from tinysft.generation import Sampling, adapter_state, decode, encode_prompt
-    from tinysft.models.llama_decode import FastBackend, weights_for
+    from tinysft.models.decode_weights import weights_for
+    from tinysft.models.llama_decode import FastBackend
 
     prompt = encode_prompt(tokenizer, PROMPTS[1])
     for tuned in (True, False, True):
@@ -381,7 +382,7 @@ def test_merged_fast_path_equals_base_plus_adapter_and_switches_without_reload(l
 def test_weights_changed_in_place_are_noticed(lora_model, tokenizer) -> None:
     import torch
 
-    from tinysft.models.llama_decode import weights_for
+    from tinysft.models.decode_weights import weights_for
 
     before = weights_for(lora_model, torch.float32)
     b = next(p for n, p in lora_model.named_parameters() if "lora_B" in n)
