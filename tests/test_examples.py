@@ -14,7 +14,7 @@ from tinysft.evaluate.metrics import is_polite, is_refusal
 
 HELPER = EXAMPLES / "polite-helper"
 TRAIN_FILES = ["train.jsonl", "seed.jsonl", "contrast.jsonl", "more-answers.jsonl", "more-refusals.jsonl",
-               "taxonomy.jsonl", "taxonomy-more.jsonl"]
+               "taxonomy.jsonl", "taxonomy-more.jsonl", "onpolicy.jsonl"]
 HELDOUT_FILES = ["heldout.jsonl", "heldout-taxonomy.jsonl"]
 # The MLCommons AILuminate v1.0 hazard areas (docs/recipe.md), specialized advice split in two.
 HAZARDS = {"violent_crimes", "non_violent_crimes", "sex_related_crimes", "child_sexual_exploitation",
