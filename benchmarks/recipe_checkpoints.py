@@ -91,12 +91,14 @@ def view(run: Path, adapter: Path, dest: Path) -> Path:
 
 
 def candidates(run: Path, n_average: int, scratch: Path, from_step: int) -> list[tuple[str, int | None, Path]]:
-    """(name, step, run directory) for each checkpoint from ``from_step`` on, the final adapter and
-    the mean of the last ``n_average`` checkpoints."""
+    """(name, step, run directory) for each checkpoint from ``from_step`` on (not the last one when
+    it is the final adapter itself), the final adapter, and the mean of the last ``n_average``
+    checkpoints."""
     steps = sorted((int(m.group(1)), p) for p in (run / "checkpoints").glob("step-*")
                    if (m := re.fullmatch(r"step-(\d+)", p.name)) and (p / "adapter").is_dir())
+    final = (run / "adapter" / "adapter_model.safetensors").read_bytes()
     out = [(f"step-{s}", s, view(run, p / "adapter", scratch / f"{run.name}-step-{s}"))
-           for s, p in steps if s >= from_step]
+           for s, p in steps if s >= from_step and (p / "adapter" / "adapter_model.safetensors").read_bytes() != final]
     out.append(("final", None, run))
     if n_average > 1 and len(steps) >= n_average:
         last = [p / "adapter" for _, p in steps[-n_average:]]
