@@ -41,7 +41,7 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recipe_average import average
-from recipe_seeds import EXAMPLE, HELDOUT, TARGETS, evaluate_run
+from recipe_seeds import EXAMPLE, HELDOUT, TARGETS, evaluate_run, summary
 from recipe_sweep import generate_answers
 from tinysft.data.formats import Conversation
 from tinysft.evaluate.compare import expected_refusal
@@ -142,6 +142,11 @@ def table(records: list[dict[str, Any]]) -> str:
             vals = [r.get(key, r["figures"].get(key)) for r in recs]
             cells.append(spread([v for v in vals if v is not None]))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    # The targets and hazard areas of the rule-based picks, in recipe_seeds.py's layout.
+    for name in ("final", "chosen on validation"):
+        picked = [{**r, "recipe": f"{r['run'].rsplit('-s', 1)[0]}, {name}", "seed": r["run"].rsplit("-s", 1)[1],
+                   "train_s": None} for r in picks[name]]
+        lines += ["", summary(picked)]
     return "\n".join(lines)
 
 
