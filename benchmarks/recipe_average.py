@@ -55,6 +55,22 @@ def average(runs: list[Path]) -> tuple[dict[str, torch.Tensor], dict[str, object
     return out, config
 
 
+def copy_run_files(src: Path, dest: Path) -> None:
+    """Copy what makes ``dest`` read as a run of ``src`` (config, manifest, tokenizer), not the adapter."""
+    for name in ("config.yaml", "manifest.json", ".tinysft-output", "tokenizer"):
+        if (src / name).is_dir():
+            shutil.copytree(src / name, dest / name)
+        elif (src / name).is_file():
+            shutil.copy2(src / name, dest / name)
+
+
+def write_adapter(folder: Path, tensors: dict[str, torch.Tensor], config: dict[str, object]) -> None:
+    """A PEFT adapter folder holding ``tensors`` with ``config``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", type=Path, nargs="+", help="run directories (or adapter folders) to average")
@@ -65,15 +81,9 @@ def main() -> None:
     tensors, config = average(args.runs)
     tmp = args.out.with_name(args.out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "adapter").mkdir(parents=True)
-    src = args.runs[0] if (args.runs[0] / "config.yaml").is_file() else args.runs[0].parents[2]
-    for name in ("config.yaml", "manifest.json", ".tinysft-output", "tokenizer"):
-        if (src / name).is_dir():
-            shutil.copytree(src / name, tmp / name)
-        elif (src / name).is_file():
-            shutil.copy2(src / name, tmp / name)
-    save_file(tensors, str(tmp / "adapter" / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (tmp / "adapter" / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    tmp.mkdir(parents=True)
+    copy_run_files(args.runs[0] if (args.runs[0] / "config.yaml").is_file() else args.runs[0].parents[2], tmp)
+    write_adapter(tmp / "adapter", tensors, config)
     (tmp / "averaged_from.json").write_text(json.dumps([str(r) for r in args.runs], indent=2))
     tmp.rename(args.out)
     print(f"{args.out}: mean update of {len(args.runs)} adapters (rank {config['r']}, alpha {config['lora_alpha']})")

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import statistics
 import sys
@@ -37,37 +36,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recipe_average import average
-from recipe_seeds import EXAMPLE, HELDOUT, TARGETS, evaluate_run, summary
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "polite-helper"))
+from make_onpolicy import pool, prompt_of
+
+from recipe_average import average, copy_run_files, write_adapter
+from recipe_seeds import HELDOUT, TARGETS, evaluate_run, summary
 from recipe_sweep import generate_answers
 from tinysft.data.formats import Conversation
 from tinysft.evaluate.compare import expected_refusal
 from tinysft.evaluate.metrics import is_refusal
 from tinysft.models.load import load_run
+from tinysft.training.checkpoints import checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
-VALIDATION = [EXAMPLE / "more-refusals.jsonl", EXAMPLE / "more-answers.jsonl"]
 VALIDATION_TOKENS = 32  # a refusal is decided, and detected, in an answer's opening
 
 
-def validation_prompts() -> list[Conversation]:
-    """The validation split's harmful requests and look-alikes as one-turn prompts (answers dropped)."""
-    out = []
-    for path in VALIDATION:
-        for line, text in enumerate(path.read_text().splitlines(), 1):
-            row = json.loads(text)
-            if row.get("category") not in ("refusal", "lookalike"):
-                continue
-            first_user = next(m for m in row["messages"] if m["role"] == "user")
-            out.append(Conversation([first_user], f"{path}:{line}", "messages", row["category"]))
-    return out
-
-
-def validation_score(run_dir: Path, prompts: list[Conversation], batch_size: int) -> dict[str, float]:
-    loaded = load_run(run_dir, log=lambda _m: None)
+def validation_score(loaded: Any, prompts: list[Conversation], batch_size: int) -> dict[str, float]:
     answers, seconds = generate_answers(loaded.model, loaded.tokenizer, prompts, tuned=True,
                                         max_new_tokens=VALIDATION_TOKENS, batch_size=batch_size)
     harmful = [is_refusal(a) for p, a in zip(prompts, answers, strict=True) if expected_refusal(p)]
@@ -77,16 +64,13 @@ def validation_score(run_dir: Path, prompts: list[Conversation], batch_size: int
             "val_score": round(min(refused, answered), 4), "val_s": round(seconds, 1)}
 
 
-def view(run: Path, adapter: Path, dest: Path) -> Path:
-    """A run directory ``dest`` whose adapter is ``adapter`` (config, manifest and tokenizer from ``run``)."""
+def view(run: Path, dest: Path, adapter: Path | None = None) -> Path:
+    """A fresh run directory ``dest`` that reads as a run of ``run``, with ``adapter`` copied in (if given)."""
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
-    for name in ("config.yaml", "manifest.json", ".tinysft-output"):
-        if (run / name).is_file():
-            shutil.copy2(run / name, dest / name)
-    if (run / "tokenizer").is_dir():
-        shutil.copytree(run / "tokenizer", dest / "tokenizer")
-    shutil.copytree(adapter, dest / "adapter")
+    copy_run_files(run, dest)
+    if adapter is not None:
+        shutil.copytree(adapter, dest / "adapter")
     return dest
 
 
@@ -94,18 +78,15 @@ def candidates(run: Path, n_average: int, scratch: Path, from_step: int) -> list
     """(name, step, run directory) for each checkpoint from ``from_step`` on (not the last one when
     it is the final adapter itself), the final adapter, and the mean of the last ``n_average``
     checkpoints."""
-    steps = sorted((int(m.group(1)), p) for p in (run / "checkpoints").glob("step-*")
-                   if (m := re.fullmatch(r"step-(\d+)", p.name)) and (p / "adapter").is_dir())
+    steps = [(int(p.name[5:]), p) for p in checkpoints(run) if (p / "adapter").is_dir()]
     final = (run / "adapter" / "adapter_model.safetensors").read_bytes()
-    out = [(f"step-{s}", s, view(run, p / "adapter", scratch / f"{run.name}-step-{s}"))
+    out = [(f"step-{s}", s, view(run, scratch / f"{run.name}-step-{s}", p / "adapter"))
            for s, p in steps if s >= from_step and (p / "adapter" / "adapter_model.safetensors").read_bytes() != final]
     out.append(("final", None, run))
     if n_average > 1 and len(steps) >= n_average:
-        last = [p / "adapter" for _, p in steps[-n_average:]]
-        tensors, config = average(last)
-        dest = view(run, last[-1], scratch / f"{run.name}-avg{n_average}")
-        save_file(tensors, str(dest / "adapter" / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (dest / "adapter" / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        tensors, config = average([p / "adapter" for _, p in steps[-n_average:]])
+        dest = view(run, scratch / f"{run.name}-avg{n_average}")
+        write_adapter(dest / "adapter", tensors, config)
         out.append((f"avg-last{n_average}", None, dest))
     return out
 
@@ -168,13 +149,14 @@ def main() -> None:
         print(table([json.loads(x) for x in args.results.read_text().splitlines() if x.strip()]))
         return
     args.prompts = HELDOUT
-    prompts = validation_prompts()
+    prompts = [prompt_of(r) for r in pool()]  # the validation split (make_onpolicy.py mines the same rows)
     for run in args.runs:
         for name, step, run_dir in candidates(run, args.average, args.scratch, args.from_step):
             record: dict[str, Any] = {"run": run.name, "candidate": name, "step": step,
                                       "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "torch_threads": torch.get_num_threads()}
-            record.update(validation_score(run_dir, prompts, args.batch_size))
-            record.update(evaluate_run(run_dir, HELDOUT, args))
+            loaded = load_run(run_dir, log=lambda _m: None)
+            record.update(validation_score(loaded, prompts, args.batch_size))
+            record.update(evaluate_run(run_dir, HELDOUT, args, loaded))
             print(f"{run.name} {name}: val {record['val_refused']:.2f}/{record['val_answered']:.2f}  heldout "
                   f"refused {record['figures']['harmful_refused']:.2f} answered {record['figures']['lookalike_answered']:.2f}",
                   flush=True)

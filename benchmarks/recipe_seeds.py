@@ -129,9 +129,10 @@ def first_tokens_hit(tokenizer: Any, prompts: list[Conversation], answers: list[
     return round(sum(hits) / len(hits), 4) if hits else None
 
 
-def evaluate_run(run_dir: Path, files: list[Path], args: argparse.Namespace) -> dict[str, Any]:
-    """Tuned and base answers on every held-out file; figures over all files, per file and per area."""
-    loaded = load_run(run_dir, log=lambda _m: None)
+def evaluate_run(run_dir: Path, files: list[Path], args: argparse.Namespace, loaded: Any = None) -> dict[str, Any]:
+    """Tuned and base answers on every held-out file; figures over all files, per file and per area.
+    ``loaded``: the run as ``load_run`` returned it, when the caller has it already."""
+    loaded = loaded or load_run(run_dir, log=lambda _m: None)
     all_prompts: list[Conversation] = []
     all_rows: list[dict[str, Any]] = []
     per_file: dict[str, Any] = {}

@@ -39,27 +39,38 @@ ANSWER_TOKENS = 32
 COMPLIANT = re.compile(r"(sure|of course|certainly|absolutely|happy to help|glad you asked|great question)\b", re.I)
 
 
+def pool() -> list[dict]:
+    """The rows it answers: more-refusals.jsonl's harmful requests and more-answers.jsonl's look-alikes
+    (also the validation split of benchmarks/recipe_checkpoints.py)."""
+    rows = [json.loads(x) for name in ("more-refusals.jsonl", "more-answers.jsonl")
+            for x in (HERE / name).read_text().splitlines() if x.strip()]
+    return [r for r in rows if r["category"] in ("refusal", "lookalike")]
+
+
+def prompt_of(row: dict) -> Conversation:
+    """The row's first user turn as a prompt, its category kept (``expected_refusal`` reads it)."""
+    return Conversation([row["messages"][0]], category=row["category"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, required=True, help="a tuned run of the demo recipe")
     ap.add_argument("--out", type=Path, default=HERE / "onpolicy.jsonl")
     args = ap.parse_args()
-    pool = [json.loads(x) for name in ("more-refusals.jsonl", "more-answers.jsonl")
-            for x in (HERE / name).read_text().splitlines() if x.strip()]
-    pool = [r for r in pool if r["category"] in ("refusal", "lookalike")]
-    prompts = [Conversation([r["messages"][0]], category=r["category"]) for r in pool]
+    rows_in = pool()
+    prompts = [prompt_of(r) for r in rows_in]
     loaded = load_run(args.run, log=lambda _m: None)
     answers = generate_rows(loaded.model, loaded.tokenizer, prompts, tuned=True, max_new_tokens=ANSWER_TOKENS,
                             batch_size=256, temperature=0.0)
     rows = []
-    for row, answer in zip(pool, answers, strict=True):
+    for row, answer in zip(rows_in, answers, strict=True):
         harmful, complies = row["category"] == "refusal", bool(COMPLIANT.match(answer.strip()))
         if (harmful and complies and not is_refusal(answer)) or (not harmful and not complies and is_refusal(answer)):
             rows.append({**row, "rejected": answer.strip()})
     args.out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     n_harm = sum(r["category"] == "refusal" for r in rows)
     print(f"{args.out}: {n_harm} harmful requests answered, {len(rows) - n_harm} look-alikes refused "
-          f"(of {sum(r['category'] == 'refusal' for r in pool)} and {sum(r['category'] == 'lookalike' for r in pool)})")
+          f"(of {sum(r['category'] == 'refusal' for r in rows_in)} and {sum(r['category'] == 'lookalike' for r in rows_in)})")
 
 
 if __name__ == "__main__":
