@@ -372,7 +372,8 @@ def greedy_continuations(model: Any, prompts: list[list[int]], n: int) -> list[t
 
 
 class _NoStops:
-    """A stand-in tokenizer for ``decode`` with no stop tokens (only ``greedy_continuations`` uses it)."""
+    """A stand-in tokenizer for ``decode`` with no stop tokens: fixed-length answers (``greedy_continuations``;
+    benchmarks/decode_sides.py times both passes on equal work with it)."""
 
     eos_token_id = None
     pad_token_id = 0
