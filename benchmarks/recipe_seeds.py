@@ -75,6 +75,11 @@ RECIPES["tax-r3l3-ck"] = {**RECIPES["tax-r3l3"], "train": {"save_every": 20, "ke
 # more-refusals.jsonl / more-answers.jsonl as preference pairs, 23 refusals and 9 look-alikes.
 RECIPES["tax-r3l3-op"] = {"data": {"train": [*WITH_TAXONOMY, str(EXAMPLE / "onpolicy.jsonl")],
                                    "category_weights": {**DEMO_WEIGHTS, "refusal": 3, "lookalike": 3}}}
+# tax-r3l3 with the preference term measured against the base model's margins (DPO,
+# train.preference_reference) instead of reference-free; the same pairs, beta and weight.
+RECIPES["tax-r3l3-dpo"] = {**RECIPES["tax-r3l3"], "train": {"preference_reference": True}}
+# tax-r3l3-op's data (the on-policy pairs) with the DPO term.
+RECIPES["tax-r3l3-op-dpo"] = {**RECIPES["tax-r3l3-op"], "train": {"preference_reference": True}}
 # The issue's targets, in report order: (figure, label, target).
 TARGETS = [("harmful_refused", "harmful refused (all areas)", ">= 0.90"),
            ("worst_area_refused", "harmful refused, worst hazard area", ">= 0.90"),

@@ -170,6 +170,11 @@ class TrainConfig:
     preference_tokens: int = 0
     """Only the first N tokens of the answer and of `rejected` enter the term (0 = whole answers):
     the refuse-or-answer decision is made there, and the pair pass gets shorter."""
+    preference_reference: bool = False
+    """Measure each pair's margin against the base model's (DPO, Rafailov et al. 2023):
+    -log sigmoid(beta * (margin - base margin)), every pair starting at log 2; the base margins are
+    computed once before training. False = reference-free (the CPO form), which pushes hardest on
+    the pairs the model gets most wrong."""
     log_every: int = 5
     """Optimizer steps between log lines in metrics.jsonl."""
     eval_every: int = 0

@@ -56,7 +56,8 @@ def lm_and_pair_loss(model: Any, batch: Batch, beta: float = 0.1) -> tuple[torch
     """``causal_lm_loss`` plus, from the same forward pass, the preference term of the batch's
     in-row pairs (pair rows packed with rejected branches, ``data.batching.pack``): the sum over
     those rows of the mean over their rejected answers of -log sigmoid(beta * (log p(chosen) -
-    log p(rejected))); 0 for a batch without pairs.
+    log p(rejected) - reference margin)), the reference margin 0 unless the batch carries one
+    (``Batch.reference``, DPO); 0 for a batch without pairs.
 
     The chosen side is the conversation's own answer (its first ``pair_tokens`` tokens), the
     rejected side the branch, scored in the same prompt's context: the same numbers as
@@ -112,9 +113,12 @@ def lm_and_pair_loss(model: Any, batch: Batch, beta: float = 0.1) -> tuple[torch
     branches = segment[at_r].unique()  # one pair per branch
     rejected = lp.new_zeros(n_seg).index_add(0, segment[at_r], lp[n_c:])[branches]
     conv = conv_of[branches]  # each branch's conversation
+    margin = chosen[conv] - rejected
+    if batch.reference is not None:  # DPO: measured against the reference model's margin
+        margin = margin - lp.new_zeros(n_seg).index_add(0, segment[at_r], batch.reference[0, at_r].to(lp))[branches]
     # A conversation with several rejected answers is one example: the mean of its pairs' terms.
     per_conv = lp.new_zeros(len(chosen)).index_add(0, conv, torch.ones_like(rejected))
-    terms = -F.logsigmoid(beta * (chosen[conv] - rejected)) / per_conv[conv]
+    terms = -F.logsigmoid(beta * margin) / per_conv[conv]
     return loss, int(trained.sum()), terms.sum()
 
 

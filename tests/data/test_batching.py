@@ -129,10 +129,12 @@ def _lora_tiny(tokenizer):
 
 @pytest.mark.parametrize("tokens", [0, 3])
 @pytest.mark.parametrize("chunked_head", [True, False])
-def test_pairs_in_the_sft_pass_equal_a_separate_pair_pass(rows, tokenizer, tokens, chunked_head, monkeypatch) -> None:
+@pytest.mark.parametrize("dpo", [False, True])
+def test_pairs_in_the_sft_pass_equal_a_separate_pair_pass(rows, tokenizer, tokens, chunked_head, dpo,
+                                                          monkeypatch) -> None:
     """Pool pairs as ``pair_only`` rows in the SFT pass (each rejected answer a branch of its
     prompt) give the separate pair pass's mean term and LoRA gradients, and leave the SFT loss and
-    its token counts as they are."""
+    its token counts as they are; with reference margins (DPO) too."""
     import tinysft.losses as losses
     from tinysft.data.batching import append_rows
     from tinysft.training.preference import pair_row, preference_loss, preference_pairs
@@ -142,7 +144,8 @@ def test_pairs_in_the_sft_pass_equal_a_separate_pair_pass(rows, tokenizer, token
     convs = [c for c in _paired_conversations() if c.extra]
     pairs = preference_pairs(convs, tokenizer, 512, None, tokens)
     assert len(pairs) == 4  # row 3 has two rejected answers
-    pair_rows = [pair_row(c, r) for c, r in pairs]
+    reference = [1.5, -2.0, 0.25, 3.0] if dpo else None
+    pair_rows = [pair_row(c, r, None if reference is None else reference[i]) for i, (c, r) in enumerate(pairs)]
     model = _lora_tiny(tokenizer)
     sft_batch = pack(rows, tokenizer.pad_token_id)
     fused = append_rows(sft_batch, pair_rows)
@@ -158,13 +161,43 @@ def test_pairs_in_the_sft_pass_equal_a_separate_pair_pass(rows, tokenizer, token
     assert n == n_alone and float(sft.detach()) == pytest.approx(float(alone.detach()), rel=1e-5)
     together = grads(sft + pref_sum / len(pairs))
     separate = preference_loss(model, [c for c, _ in pairs], [r for _, r in pairs], tokenizer.pad_token_id,
-                               0.1, torch.device("cpu"), packing=True)
+                               0.1, torch.device("cpu"), packing=True, reference=reference)
     assert float(pref_sum.detach()) / len(pairs) == pytest.approx(float(separate.detach()), rel=1e-5)
     assert float(separate.detach()) != pytest.approx(0.6931, rel=1e-3)  # margins are not all 0
     apart = grads(losses.causal_lm_loss(model, sft_batch)[0] + separate)
     for k, g in apart.items():
         assert g.abs().sum() > 0, k
         torch.testing.assert_close(together[k], g, rtol=1e-4, atol=1e-6)
+
+
+def test_reference_margins_travel_with_their_branches(rows, tokenizer) -> None:
+    """A DPO pair's reference margin stays with its branch through ``append_rows``,
+    ``split_batch`` and ``share_prefixes`` (which reorder and cut the row): the summed term is
+    the one computed from the margins and reference values pair by pair."""
+    import torch.nn.functional as F
+
+    from tinysft.data.batching import append_rows, share_prefixes, split_batch
+    from tinysft.losses import lm_and_pair_loss
+    from tinysft.training.preference import pair_row, preference_pairs
+
+    pairs = preference_pairs([c for c in _paired_conversations() if c.extra], tokenizer, 512, None, 4)
+    reference = [4.0, -3.0, 0.5, 2.0]
+    model = _lora_tiny(tokenizer)
+    with torch.no_grad():
+        free = [lm_and_pair_loss(model, pack([pair_row(c, r)], 0), beta=1.0)[2] for c, r in pairs]
+    # Each row holds one pair, so its reference-free term gives its margin: -log sigmoid(m) = t.
+    margins = [float(-torch.log(torch.expm1(t))) for t in free]
+    expected = sum(float(-F.logsigmoid(torch.tensor(m - ref))) for m, ref in zip(margins, reference, strict=True))
+    batch = append_rows(pack(rows, tokenizer.pad_token_id),
+                        [pair_row(c, r, ref) for (c, r), ref in zip(pairs, reference, strict=True)])
+    assert batch.reference is not None and float(batch.reference.sum()) == pytest.approx(sum(reference))
+    layouts = {"whole": [batch], "split": split_batch(batch, max(len(r.input_ids) for r in rows) + 1),
+               "shared": [share_prefixes(batch)]}
+    assert len(layouts["split"]) > 1 and layouts["shared"][0].input_ids.shape[1] < batch.input_ids.shape[1]
+    with torch.no_grad():
+        for name, pieces in layouts.items():
+            total = sum(float(lm_and_pair_loss(model, p, beta=1.0)[2]) for p in pieces)
+            assert total == pytest.approx(expected, rel=1e-4), name
 
 
 def test_split_batch_keeps_a_rejected_branch_with_its_conversation(rows, tokenizer) -> None:

@@ -237,7 +237,9 @@ def preference_margin(run: Path, model_dir: Path, rows: list[dict]) -> float:
     return float((chosen - rejected).mean())
 
 
-@pytest.mark.parametrize("extra", [[], ["train.preference_tokens=4", "train.preference_pairs=1"], ["train.packing=false"]])
+@pytest.mark.parametrize("extra", [[], ["train.preference_tokens=4", "train.preference_pairs=1"], ["train.packing=false"],
+                                   ["train.preference_reference=true"],
+                                   ["train.preference_reference=true", "train.packing=false"]])
 def test_preference_term_is_trained_and_logged(tmp_path, tiny_model_dir, extra) -> None:
     """The term is logged every step, falls, and moves the weights: the tuned model's margin
     log p(answer) - log p(rejected) ends higher than the same run's without the term. Removing the
@@ -259,6 +261,27 @@ def test_preference_term_is_trained_and_logged(tmp_path, tiny_model_dir, extra) 
     # Measured: the term adds 1.6 to 2.5 nats of margin over SFT alone (0.2 to 0.35) across the three
     # layouts; without its backward the two runs' margins agree to 1e-3.
     assert with_term > sft_only + 0.8, (with_term, sft_only)
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_the_dpo_term_starts_every_pair_at_log_2(tmp_path, tiny_model_dir, packing) -> None:
+    """With the base model as reference, the first step (LoRA's B = 0: the model is the base) scores
+    every pair's margin as 0, whatever the base prefers: the logged term is log 2. Reference-free,
+    the same first step logs the base's own margins, far from it."""
+    from conftest import CHAT_ROWS, write_jsonl
+
+    # Rejected answers much longer than the answers: the base's margins are far from 0.
+    rows = [{"prompt": f"How do I kill stuck process {n}?", "response": f"Run kill {n}.",
+             "rejected": f"I'm sorry, but I can't help with process {n} or anything like it, sorry."} for n in (11, 22)]
+    data = write_jsonl(tmp_path / "train.jsonl", CHAT_ROWS + rows)
+    first = {}
+    for reference in (True, False):
+        cfg = tiny_cfg(tiny_model_dir, data, "train.epochs=1", "train.preference_weight=1", "train.preference_beta=1",
+                       f"train.preference_reference={str(reference).lower()}", f"train.packing={str(packing).lower()}")
+        result = train(cfg, tmp_path / f"run-{reference}", show_progress=False, log=lambda m: None)
+        first[reference] = result.history[0]["preference_loss"]
+    assert first[True] == pytest.approx(math.log(2), abs=1e-3), first
+    assert abs(first[False] - math.log(2)) > 0.5, first
 
 
 def test_preference_weight_without_rejected_rows_is_a_data_error(tmp_path, tiny_model_dir, chat_file) -> None:

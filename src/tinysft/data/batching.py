@@ -29,6 +29,9 @@ class Batch:
     chosen_targets: torch.Tensor | None = None  # (1, T)
     rejected_targets: torch.Tensor | None = None  # (1, T)
     n_pairs: int = 0  # conversations with rejected branches (each one example of the preference term)
+    # Per position, the reference margin of the branch whose first rejected token it scores (0
+    # elsewhere; None = reference-free pairs): the DPO term subtracts it from the pair's margin.
+    reference: torch.Tensor | None = None  # (1, T) float
 
     def to(self, device: torch.device | str) -> Batch:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -36,7 +39,7 @@ class Batch:
 
         return Batch(self.input_ids.to(device), self.labels.to(device), move(self.attention_mask),
                      self.position_ids.to(device), self.n_tokens, self.n_trained, move(self.chosen_targets),
-                     move(self.rejected_targets), self.n_pairs)
+                     move(self.rejected_targets), self.n_pairs, move(self.reference))
 
 
 def _labels(r: Rendered) -> list[int]:
@@ -80,6 +83,7 @@ def pack(rows: list[Rendered], pad_id: int) -> Batch:
     pos: list[int] = []
     chosen: list[int] = []
     rejected: list[int] = []
+    reference: list[float] = []
     n_pairs = 0
     for r in rows:
         base = len(ids)
@@ -88,18 +92,20 @@ def pack(rows: list[Rendered], pad_id: int) -> Batch:
         pos.extend(range(len(r.input_ids)))
         chosen.extend([IGNORE] * len(r.input_ids))
         rejected.extend([IGNORE] * len(r.input_ids))
+        reference.extend([0.0] * len(r.input_ids))
         if not r.rejected:
             continue
         start, _ = r.last_answer()  # position start - 1 predicts each answer's first token
         for j in range(r.pair_tokens):
             chosen[base + start - 1 + j] = r.input_ids[start + j]
-        for alt in r.rejected:
+        for k, alt in enumerate(r.rejected):
             branch = [r.input_ids[start - 1], *alt[:-1]]  # alt's last token is only a target
             ids.extend(branch)
             labels.extend([IGNORE] * len(branch))
             pos.extend(range(start - 1, start - 1 + len(branch)))
             chosen.extend([IGNORE] * len(branch))
             rejected.extend(alt)
+            reference.extend([r.reference[k] if r.reference else 0.0] + [0.0] * (len(branch) - 1))
         n_pairs += 1
     sft = [r for r in rows if not r.pair_only]
     if not n_pairs:
@@ -107,7 +113,8 @@ def pack(rows: list[Rendered], pad_id: int) -> Batch:
                      sum(len(r.input_ids) for r in sft), sum(r.n_trained for r in sft))
     return Batch(torch.tensor([ids]), torch.tensor([labels]), None, torch.tensor([pos]),
                  sum(len(r.input_ids) for r in sft), sum(r.n_trained for r in sft), torch.tensor([chosen]),
-                 torch.tensor([rejected]), n_pairs)
+                 torch.tensor([rejected]), n_pairs,
+                 torch.tensor([reference]) if any(r.reference for r in rows) else None)
 
 
 def append_rows(batch: Batch, rows: list[Rendered]) -> Batch:
@@ -118,12 +125,17 @@ def append_rows(batch: Batch, rows: list[Rendered]) -> Batch:
     def targets(b: Batch, t: torch.Tensor | None) -> torch.Tensor:
         return torch.full_like(b.input_ids, IGNORE) if t is None else t
 
+    def reference(b: Batch) -> torch.Tensor:
+        return torch.zeros(b.input_ids.shape) if b.reference is None else b.reference
+
     return Batch(torch.cat([batch.input_ids, extra.input_ids], 1), torch.cat([batch.labels, extra.labels], 1), None,
                  torch.cat([batch.position_ids, extra.position_ids], 1), batch.n_tokens + extra.n_tokens,
                  batch.n_trained + extra.n_trained,
                  torch.cat([targets(batch, batch.chosen_targets), targets(extra, extra.chosen_targets)], 1),
                  torch.cat([targets(batch, batch.rejected_targets), targets(extra, extra.rejected_targets)], 1),
-                 batch.n_pairs + extra.n_pairs)
+                 batch.n_pairs + extra.n_pairs,
+                 None if batch.reference is None and extra.reference is None
+                 else torch.cat([reference(batch), reference(extra)], 1))
 
 
 def make_batches(rows: list[Rendered], batch_size: int, pad_id: int, *, packing: bool = False, seed: int = 0,
@@ -197,8 +209,9 @@ def split_batch(batch: Batch, max_tokens: int | None) -> list[Batch]:
             if batch.rejected_targets is not None:
                 chosen, rejected = cut(batch.chosen_targets), cut(batch.rejected_targets)
                 n_pairs = len(set(((pos[0] == 0).cumsum(0)[rejected[0] != IGNORE]).tolist()))  # paired conversations
+                reference = None if batch.reference is None else cut(batch.reference)
                 out.append(Batch(ids, labels, None, pos, n_tokens, int((labels != IGNORE).sum()), chosen, rejected,
-                                 n_pairs))
+                                 n_pairs, reference))
                 continue
         else:
             rows = [r for r, _, _ in piece]
@@ -292,7 +305,8 @@ def share_prefixes(batch: Batch) -> Batch:
         return None if t is None else t[:, index]
 
     return Batch(take(batch.input_ids), take(batch.labels), None, take(batch.position_ids), batch.n_tokens,
-                 batch.n_trained, take(batch.chosen_targets), take(batch.rejected_targets), batch.n_pairs)
+                 batch.n_trained, take(batch.chosen_targets), take(batch.rejected_targets), batch.n_pairs,
+                 take(batch.reference))
 
 
 def _root_tokens(positions: list[int]) -> list[int]:

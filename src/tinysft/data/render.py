@@ -39,6 +39,9 @@ class Rendered:
     rejected: list[list[int]] | None = None
     pair_tokens: int = 0
     pair_only: bool = False  # in the preference term only, not in the SFT loss (a pair from a pool)
+    # Per rejected answer, the reference model's margin log p(answer) - log p(rejected) that the
+    # term is measured against (DPO); None = reference-free.
+    reference: list[float] | None = None
 
     @property
     def n_trained(self) -> int:

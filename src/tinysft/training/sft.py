@@ -38,7 +38,13 @@ from tinysft.training.loop import (
     make_scheduler,
     schedule_steps,
 )
-from tinysft.training.preference import pair_row, preference_loss, preference_pairs, rejected_answers
+from tinysft.training.preference import (
+    pair_row,
+    preference_loss,
+    preference_pairs,
+    reference_margins,
+    rejected_answers,
+)
 
 PASS_TOKENS_CPU = 1024  # tokens per forward/backward pass on a CPU in fp32, twice that in 16 bits
 
@@ -146,6 +152,12 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
     if pairs:
         say(f"Preference term on {len(pairs)} rows with a `rejected` answer, {pairs_per_step} pairs per step "
             f"(weight {cfg.train.preference_weight}, beta {cfg.train.preference_beta}).")
+    # DPO: each pair's margin under the base model, before LoRA (or a resumed adapter) changes it.
+    reference = (reference_margins(base, pairs, tokenizer.pad_token_id, device, accelerator.autocast)
+                 if pairs and cfg.train.preference_reference else None)
+    if reference is not None:
+        say(f"Preference margins measured against the base model's (DPO): mean base margin "
+            f"{sum(reference) / len(reference):.1f} nats over {len(reference)} pairs.")
     if cfg.train.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
@@ -156,7 +168,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
     # Attention per packed conversation, not over the whole row; with it, the step's pairs are
     # scored as branches inside the SFT pass (appended to its last piece).
     packed_attention = packing and use_packed_attention(model)
-    pair_rows = [pair_row(c, r) for c, r in pairs] if packed_attention else []
+    pair_rows = ([pair_row(c, r, None if reference is None else reference[i]) for i, (c, r) in enumerate(pairs)]
+                 if packed_attention else [])
     # CPU only: on a GPU the branches' attention runs torch's math kernel (not measured there).
     share = packed_attention and cfg.train.share_prefixes and device.type == "cpu"
 
@@ -204,7 +217,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, log: Cal
 
     # ---- the step ------------------------------------------------------------------------------
     step_plan = SftStep(model, accelerator, pass_tokens_for(device, mp, base.dtype), pairs, pair_rows, pair_order,
-                        pairs_per_step, cfg.train.preference_weight, cfg.train.preference_beta, pad_id, packing, share)
+                        pairs_per_step, cfg.train.preference_weight, cfg.train.preference_beta, pad_id, packing, share,
+                        reference)
 
     def evaluate() -> dict[str, float]:
         loss = evaluate_loss(model, eval_batches, device, accelerator.autocast)
@@ -225,13 +239,13 @@ class SftStep:
     micro-batch runs as pieces of <= pass_tokens tokens (whole conversations): the same
     gradients, with activation memory set by the piece instead of the batch. The step's
     preference pairs are appended to its last piece (``pair_rows``, packed attention) or run as a
-    pass of their own.
+    pass of their own; ``reference``: each pair's base margin (DPO), or None (reference-free).
     """
 
     def __init__(self, model: Any, accelerator: Any, pass_tokens: int | None, pairs: list[tuple[Any, Any]],
                  pair_rows: list[Any], pair_order: list[int], pairs_per_step: int, weight: float, beta: float,
-                 pad_id: int, packing: bool, share: bool) -> None:
-        self.model, self.accelerator, self.pass_tokens = model, accelerator, pass_tokens
+                 pad_id: int, packing: bool, share: bool, reference: list[float] | None = None) -> None:
+        self.model, self.accelerator, self.pass_tokens, self.reference = model, accelerator, pass_tokens, reference
         self.pairs, self.pair_rows, self.pair_order, self.pairs_per_step = pairs, pair_rows, pair_order, pairs_per_step
         self.weight, self.beta, self.pad_id, self.packing, self.share = weight, beta, pad_id, packing, share
         self.device, self.world, self.rank = accelerator.device, accelerator.num_processes, accelerator.process_index
@@ -247,7 +261,7 @@ class SftStep:
             if self.pair_rows:  # scored in the last piece's pass: only their prompts and tokens added
                 pieces[-1] = append_rows(pieces[-1], [self.pair_rows[i] for i in chosen])
             else:
-                passes.append(self._pair_pass([self.pairs[i] for i in chosen]))
+                passes.append(self._pair_pass(chosen))
         if self.share:
             pieces = [share_prefixes(p) for p in pieces]
         counts = self.accelerator.reduce(torch.tensor([float(sum(b.n_trained for b in group)),
@@ -257,10 +271,13 @@ class SftStep:
         return StepPlan(passes, count=sum(b.n_trained for b in group), tokens=sum(b.n_tokens for b in pieces),
                         passed_tokens=sum(b.input_ids.numel() for b in pieces))
 
-    def _pair_pass(self, picked: list[tuple[Any, Any]]) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    def _pair_pass(self, chosen: list[int]) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+        picked = [self.pairs[i] for i in chosen]
+        reference = None if self.reference is None else [self.reference[i] for i in chosen]
+
         def run() -> tuple[torch.Tensor, torch.Tensor]:
             pref = preference_loss(self.model, [c for c, _ in picked], [r for _, r in picked], self.pad_id, self.beta,
-                                   self.device, packing=self.packing)
+                                   self.device, packing=self.packing, reference=reference)
             self.window_pref += pref.detach().float()
             self.window_n += 1
             return pref * self.weight, torch.zeros((), device=self.device)
