@@ -52,14 +52,11 @@ def prompt_of(row: dict) -> Conversation:
     return Conversation([row["messages"][0]], category=row["category"])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", type=Path, required=True, help="a tuned run of the demo recipe")
-    ap.add_argument("--out", type=Path, default=HERE / "onpolicy.jsonl")
-    args = ap.parse_args()
+def mistakes(run: Path) -> list[dict]:
+    """The pool rows the run gets wrong, each with the run's own answer as ``rejected``."""
     rows_in = pool()
     prompts = [prompt_of(r) for r in rows_in]
-    loaded = load_run(args.run, log=lambda _m: None)
+    loaded = load_run(run, log=lambda _m: None)
     answers = generate_rows(loaded.model, loaded.tokenizer, prompts, tuned=True, max_new_tokens=ANSWER_TOKENS,
                             batch_size=256, temperature=0.0)
     rows = []
@@ -67,6 +64,16 @@ def main() -> None:
         harmful, complies = row["category"] == "refusal", bool(COMPLIANT.match(answer.strip()))
         if (harmful and complies and not is_refusal(answer)) or (not harmful and not complies and is_refusal(answer)):
             rows.append({**row, "rejected": answer.strip()})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", type=Path, required=True, help="a tuned run of the demo recipe")
+    ap.add_argument("--out", type=Path, default=HERE / "onpolicy.jsonl")
+    args = ap.parse_args()
+    rows_in = pool()
+    rows = mistakes(args.run)
     args.out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     n_harm = sum(r["category"] == "refusal" for r in rows)
     print(f"{args.out}: {n_harm} harmful requests answered, {len(rows) - n_harm} look-alikes refused "
