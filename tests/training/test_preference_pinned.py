@@ -125,3 +125,32 @@ def test_the_separate_pair_pass_pads_unless_asked_to_pack(tokenizer) -> None:
         packed = preference_loss(model, chosen, rejected, tokenizer.pad_token_id, 0.1, torch.device("cpu"), packing=True)
     assert model.shapes == [(4, longest), (1, total)]
     assert float(packed) == pytest.approx(float(padded), rel=1e-5)
+
+
+def test_reference_margins_are_each_pairs_margin_in_batches_and_leave_the_mode_as_it_was(tokenizer) -> None:
+    """One margin per pair, in order, across the pass boundary (REFERENCE_BATCH), equal to the
+    pair's own log p(chosen) - log p(rejected); a model in training mode is scored without dropout
+    and handed back in training mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tinysft.data.batching import collate
+    from tinysft.losses import sequence_logprobs
+    from tinysft.training.preference import REFERENCE_BATCH, reference_margins
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                         attention_dropout=0.5))
+    rows = [{"prompt": f"How do I pick lock {n}?", "response": f"Use key {n}." * (1 + n % 3),
+             "rejected": f"Sorry {n}, no."} for n in range(REFERENCE_BATCH + 3)]
+    pairs = preference_pairs([to_conversation(r) for r in rows], tokenizer, 512, None)
+    model.train()
+    got = reference_margins(model, pairs, tokenizer.pad_token_id, torch.device("cpu"))
+    assert model.training
+    model.eval()
+    with torch.no_grad():
+        want = [float(sequence_logprobs(model, collate([c], tokenizer.pad_token_id))[0]
+                      - sequence_logprobs(model, collate([r], tokenizer.pad_token_id))[0]) for c, r in pairs]
+    assert len(got) == len(pairs)
+    assert got == pytest.approx(want, abs=1e-4)
+    assert len({round(m, 3) for m in got}) > 3  # the pairs differ, so an order mix-up would show

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -87,7 +89,7 @@ def pair_row(chosen: Rendered, rejected: Rendered, reference: float | None = Non
 
 @torch.no_grad()
 def reference_margins(model: Any, pairs: list[tuple[Rendered, Rendered]], pad_id: int, device: torch.device,
-                      autocast: Any = contextlib.nullcontext) -> list[float]:
+                      autocast: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext) -> list[float]:
     """log p(chosen) - log p(rejected) of each pair under ``model`` as it is (call it on the base
     model, before LoRA or its weights are loaded): the DPO term's reference, computed once.
 
