@@ -193,6 +193,15 @@ def run_seed(name: str, overrides: dict[str, dict[str, Any]], seed: int, args: a
     return record
 
 
+def report(label: str, record: dict[str, Any], results: Path) -> None:
+    """Print a seed's target figures on one line, then append its record to ``results``."""
+    figs = record["figures"]
+    print(f"{label}: " + "  ".join(
+        f"{key} {'-' if figs.get(key) is None else f'{figs[key]:.2f}'}" for key, _, _ in TARGETS), flush=True)
+    with results.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def spread(values: list[float]) -> str:
     """'min / median / max' of the seeds' values (one value: just it)."""
     if not values:
@@ -275,12 +284,7 @@ def main() -> None:
     args.out_root.mkdir(parents=True, exist_ok=True)
     args.results.parent.mkdir(parents=True, exist_ok=True)
     for seed in (int(s) for s in args.seeds.split(",") if s.strip()):
-        record = run_seed(args.recipe, overrides, seed, args)
-        figs = record["figures"]
-        print(f"{args.recipe}-s{seed}: " + "  ".join(
-            f"{key} {'-' if figs.get(key) is None else f'{figs[key]:.2f}'}" for key, _, _ in TARGETS), flush=True)
-        with args.results.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        report(f"{args.recipe}-s{seed}", run_seed(args.recipe, overrides, seed, args), args.results)
 
 
 if __name__ == "__main__":

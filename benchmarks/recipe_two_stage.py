@@ -35,9 +35,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "polite-helper"))
-from make_onpolicy import mistakes
+from make_onpolicy import mistakes, write_rows
 
-from recipe_seeds import DEMO_WEIGHTS, HELDOUT, ROOT, TARGETS, WITH_TAXONOMY, run_seed
+from recipe_seeds import DEMO_WEIGHTS, HELDOUT, ROOT, WITH_TAXONOMY, report, run_seed
 from tinysft.export.merge import merge_run
 
 # Stage 2: the on-policy pairs three times an epoch, the demo's refusals, look-alikes and length rows
@@ -85,18 +85,13 @@ def main() -> None:
             merge_run(stage1, merged, dtype="bfloat16", force=merged.exists(), log=lambda _m: None)
         pairs = args.out_root / f"{args.stage1}-s{seed}-onpolicy.jsonl"
         if not pairs.is_file():
-            rows = mistakes(stage1)
-            pairs.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            write_rows(pairs, mistakes(stage1))
         rows = [json.loads(x) for x in pairs.read_text().splitlines() if x.strip()]
         record = run_seed(args.name, stage2_overrides(args.name, merged, pairs), seed, args)
         record["stage1"] = str(stage1)
         record["onpolicy_pairs"] = {"refusal": sum(r["category"] == "refusal" for r in rows),
                                     "lookalike": sum(r["category"] == "lookalike" for r in rows)}
-        figs = record["figures"]
-        print(f"{args.name}-s{seed} ({record['onpolicy_pairs']}): " + "  ".join(
-            f"{key} {'-' if figs.get(key) is None else f'{figs[key]:.2f}'}" for key, _, _ in TARGETS), flush=True)
-        with args.results.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        report(f"{args.name}-s{seed} ({record['onpolicy_pairs']})", record, args.results)
 
 
 if __name__ == "__main__":

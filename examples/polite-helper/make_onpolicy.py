@@ -67,6 +67,11 @@ def mistakes(run: Path) -> list[dict]:
     return rows
 
 
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """``rows`` as a JSONL training file (UTF-8 kept as is)."""
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, required=True, help="a tuned run of the demo recipe")
@@ -74,7 +79,7 @@ def main() -> None:
     args = ap.parse_args()
     rows_in = pool()
     rows = mistakes(args.run)
-    args.out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_rows(args.out, rows)
     n_harm = sum(r["category"] == "refusal" for r in rows)
     print(f"{args.out}: {n_harm} harmful requests answered, {len(rows) - n_harm} look-alikes refused "
           f"(of {sum(r['category'] == 'refusal' for r in rows_in)} and {sum(r['category'] == 'lookalike' for r in rows_in)})")
